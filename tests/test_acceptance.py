@@ -47,11 +47,19 @@ def _sdir(root: Path, sid: str) -> Path:
     return root / "sessions" / sid
 
 
+def _fold(root: Path, sid: str) -> None:
+    """Fold the session's journal (format v2): its blobs become files, its manifest whole."""
+    FileSystemSessionStore(root, durable=False).checkpoint(sid)
+
+
 def _blobs(root: Path, sid: str) -> list[Path]:
+    _fold(root, sid)
     return sorted((_sdir(root, sid) / "loops").glob("*.zst"))
 
 
-def _manifest(root: Path, sid: str) -> dict[str, Any]:
+def _manifest(root: Path, sid: str, *, fold: bool = True) -> dict[str, Any]:
+    if fold:
+        _fold(root, sid)
     doc: dict[str, Any] = json.loads((_sdir(root, sid) / "manifest.json").read_bytes())
     return doc
 
@@ -122,7 +130,7 @@ def test_roundtrip_layout_and_not_found(tmp_path: Path) -> None:
     # layout of section 3
     assert (tmp_path / "loopstore.json").is_file()
     marker = json.loads((tmp_path / "loopstore.json").read_text())
-    assert marker["version"] == 1
+    assert marker["version"] == 2
     assert (tmp_path / "tmp").is_dir() and (tmp_path / "locks").is_dir()
     assert (tmp_path / "locks" / "s1.lock").exists()
     m = _manifest(tmp_path, "s1")
@@ -295,7 +303,7 @@ def test_newer_store_marker_refused(tmp_path: Path) -> None:
         st.load("s")
     assert "version" in str(ei.value).lower()
     assert not (tmp_path / "tmp").exists()  # nothing written into a store it cannot read
-    assert _manifest(tmp_path, "s")["version"] == 1
+    assert _manifest(tmp_path, "s", fold=False)["version"] == 2
 
 
 # ------------------------------------------------------------------ agents, corruption, verify
@@ -397,7 +405,9 @@ def test_verify_report_kinds(tmp_path: Path) -> None:
     # orphans alone leave ok True
     st2 = _store(tmp_path / "clean")
     st2.save(make_session("o", 2))
+    st2.checkpoint("o")
     st2.append_loop("o", make_loop("o", 0, text_bytes=999))
+    st2.checkpoint("o")  # the replaced loop's blob file is named no more
     rep2 = st2.verify()
     assert rep2.ok and rep2.problems == [] and len(rep2.orphans) == 1
 
@@ -405,6 +415,7 @@ def test_verify_report_kinds(tmp_path: Path) -> None:
 def test_gc_counts_and_grace(tmp_path: Path) -> None:
     st = _store(tmp_path)
     st.save(make_session("g", 2))
+    st.checkpoint("g")
     st.append_loop("g", make_loop("g", 0, text_bytes=777))  # old blob orphaned
     fresh = tmp_path / "tmp" / "fresh.tmp"
     fresh.write_bytes(b"f")

@@ -19,11 +19,11 @@ def dfd(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_create_read_rename(tmp_path: Path, dfd: int) -> None:
-    atomic.create_file(dfd, "a.tmp", b"hello", durable=True)
+    atomic.create_file(dfd, "a.tmp", b"hello", point="staging")
     with pytest.raises(FileExistsError):
-        atomic.create_file(dfd, "a.tmp", b"again", durable=False)
+        atomic.create_file(dfd, "a.tmp", b"again", point=None)
     atomic.rename(dfd, "a.tmp", dfd, "a")
-    atomic.fsync_dir(dfd)
+    atomic.sync(dfd, "staging")
     assert atomic.read_file(dfd, "a") == b"hello"
     assert not (tmp_path / "a.tmp").exists()
 
@@ -46,7 +46,7 @@ def test_symlinks_are_not_followed(tmp_path: Path, dfd: int) -> None:
     with pytest.raises(OSError):
         atomic.open_dir("dirlink", dfd)
     with pytest.raises(OSError):
-        atomic.create_file(dfd, "link", b"x", durable=False)
+        atomic.create_file(dfd, "link", b"x", point=None)
     assert (outside / "secret").read_bytes() == b"s"
 
 
@@ -66,18 +66,34 @@ def test_rmtree_at_does_not_follow_symlinks(tmp_path: Path, dfd: int) -> None:
 def test_create_file_failure_leaves_nothing(
     tmp_path: Path, dfd: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(fd: int) -> None:
+    def boom(fd: int, *, data_only: bool = False) -> None:
         raise OSError(errno.EIO, "injected fsync failure")
 
     monkeypatch.setattr(atomic, "fsync", boom)
     with pytest.raises(OSError):
-        atomic.create_file(dfd, "x.tmp", b"data", durable=True)
+        atomic.create_file(dfd, "x.tmp", b"data", point="staging")
     assert not (tmp_path / "x.tmp").exists()
 
 
 def test_atomic_write_path_replaces_whole_file(tmp_path: Path) -> None:
     target = tmp_path / "s.json"
     target.write_bytes(b"old")
-    atomic.atomic_write_path(target, b"new content", tmp_prefix="s.json")
+    atomic.atomic_write_path(target, b"new content", point="staging", tmp_prefix="s.json")
     assert target.read_bytes() == b"new content"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+def test_a_skipped_sync_point_issues_no_fsync(
+    tmp_path: Path, dfd: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from loopstore import faults
+
+    calls: list[int] = []
+    monkeypatch.setattr(atomic, "fsync", lambda fd, *, data_only=False: calls.append(fd))
+    atomic.sync(dfd, "journal")
+    with faults.skipping("journal"):
+        atomic.sync(dfd, "journal")
+        atomic.sync(dfd, "blob")
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="unknown sync points"):
+        faults.skipping("no-such-point").__enter__()

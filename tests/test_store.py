@@ -1,4 +1,4 @@
-"""FileSystemSessionStore: API behaviour, format v1 on disk, damage detection, gc."""
+"""FileSystemSessionStore: API behaviour, format v2 on disk, damage detection, gc."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from loopstore.errors import (
     SessionNotFound,
     UnsupportedFormat,
 )
-from loopstore.store import AsyncFileSystemSessionStore, FileSystemSessionStore
+from loopstore.aio import AsyncFileSystemSessionStore
+from loopstore.store import FileSystemSessionStore
 
 
 @pytest.fixture
@@ -28,6 +29,8 @@ def store(tmp_path: Path) -> FileSystemSessionStore:
 
 
 def _blobs(store: FileSystemSessionStore, sid: str) -> list[Path]:
+    """The session's blob files, once its journal is folded (blobs become files then)."""
+    store.checkpoint(sid)
     return sorted((store.root / "sessions" / sid / "loops").iterdir())
 
 
@@ -41,11 +44,15 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     store.save(s)
     root = store.root
     marker = json.loads((root / "loopstore.json").read_text())
-    assert marker == {"format": "loopstore", "version": 1, "hash": "xxh3_128", "codec": "zstd"}
-    assert (root / "sessions" / "s1" / "manifest.json").is_file()
+    assert marker == {"format": "loopstore", "version": 2, "hash": "xxh3_128", "codec": "zstd"}
+    sdir = root / "sessions" / "s1"
+    # A new session is its checkpoint plus the journal holding its first commit.
+    assert sorted(p.name for p in sdir.iterdir()) == ["journal-0.log", "manifest.json"]
     assert (root / "locks" / "s1.lock").is_file()
     assert (root / "tmp").is_dir()
-    blobs = _blobs(store, "s1")
+    assert _dump(store.load("s1")) == _dump(s)
+    blobs = _blobs(store, "s1")  # folded: the journal's blobs become files
+    assert sorted(p.name for p in sdir.iterdir()) == ["journal-1.log", "loops", "manifest.json"]
     assert len(blobs) == 3
     expected = sorted(ondisk.digest(lp.model_dump_json().encode()) + ".zst" for lp in s.loops)
     assert [p.name for p in blobs] == expected
@@ -64,9 +71,14 @@ def test_save_writes_only_new_blobs_and_bumps_generation(store: FileSystemSessio
     store.save(s)  # identical: nothing to commit
     assert store.session_info("g").generation == 1
     s.loops.append(make_loop("g", 3, parent_loop_id=s.loops[-1].loop_id))
+    journal = store.root / "sessions" / "g" / "journal-1.log"
+    before = journal.stat().st_size
     store.save(s)
     info = store.session_info("g")
-    assert info.generation == 2 and info.loop_count == 4
+    assert info.generation == 2 and info.loop_count == 4 and info.journal_records == 1
+    new_blob = ondisk.encode_blob(s.loops[-1].model_dump_json().encode()).data
+    # The record carries the one new blob, not the three stored ones.
+    assert before < journal.stat().st_size < before + len(new_blob) + 2000
     after = {p.name: p.stat().st_mtime_ns for p in _blobs(store, "g")}
     assert len(after) == 4
     assert all(after[name] == mtime for name, mtime in first.items())
@@ -104,11 +116,16 @@ def test_append_loop_adds_replaces_and_creates(store: FileSystemSessionStore) ->
     assert store.session_info("a").generation == 4
     with pytest.raises(ValueError):
         store.append_loop("b", make_loop("b", 0), session=make_session("other", 0))
+    # A loop of another session is refused, naming both ids.
+    with pytest.raises(InvalidSessionId, match="'b'.*'a'|'a'.*'b'"):
+        store.append_loop("a", make_loop("b", 5))
+    assert not store.exists("b")
 
 
 def test_load_loop_decodes_only_its_blob(store: FileSystemSessionStore) -> None:
     s = make_session("ll", 3)
     store.save(s)
+    store.checkpoint("ll")
     info = store.session_info("ll")
     # Damage loop 0's blob: loading loop 2 must not touch it.
     victim = store.root / "sessions" / "ll" / "loops" / f"{info.loops[0].blob}.zst"
@@ -235,9 +252,18 @@ def test_symlinks_inside_store_are_not_followed(tmp_path: Path) -> None:
 
 
 def test_verify_detects_damage_and_lists_orphans_apart(store: FileSystemSessionStore) -> None:
-    for sid in ("ok", "flip", "trunc", "gone", "man"):
+    for sid in ("ok", "flip", "trunc", "gone", "man", "rot", "fresh"):
         store.save(make_session(sid, 2))
+        if sid != "fresh":
+            store.checkpoint(sid)  # blobs become files
+    store.append_loop("rot", make_loop("rot", 2))
+    store.append_loop("rot", make_loop("rot", 3))
     assert store.verify().ok
+    # bit rot inside the first of two journal records: damage, not a torn tail
+    journal = store.root / "sessions" / "rot" / "journal-1.log"
+    jdata = bytearray(journal.read_bytes())
+    jdata[len(jdata) // 3] ^= 0x01
+    journal.write_bytes(bytes(jdata))
     # bit flip in a blob's compressed payload
     blob = _blobs(store, "flip")[0]
     data = bytearray(blob.read_bytes())
@@ -263,16 +289,19 @@ def test_verify_detects_damage_and_lists_orphans_apart(store: FileSystemSessionS
     assert ("trunc", "undecodable") in kinds
     assert ("gone", "missing_blob") in kinds
     assert ("man", "bad_manifest") in kinds
-    assert not any(p.session_id == "ok" for p in report.problems)
+    assert ("rot", "bad_journal") in kinds
+    assert not any(p.session_id in ("ok", "fresh") for p in report.problems)
     assert {o.kind for o in report.orphans} == {"orphan_blob", "stale_tmp"}
-    assert report.sessions_checked == 5
-    assert seen[-1] == (5, 5)
+    assert report.sessions_checked == 7
+    assert seen[-1] == (7, 7)
     for p in report.problems:
-        assert p.path.is_relative_to(store.root)
-    # Each damage surfaces on load as CorruptSession naming the file.
-    for sid in ("flip", "trunc", "gone", "man"):
+        assert isinstance(p.path, Path) and p.path.is_relative_to(store.root)
+    # Each damage surfaces on load as CorruptSession naming the file (in a process that
+    # had not read the session before: a reader never re-parses records it has parsed).
+    fresh = FileSystemSessionStore(store.root, durable=False)
+    for sid in ("flip", "trunc", "gone", "man", "rot"):
         with pytest.raises(CorruptSession) as exc:
-            store.load(sid)
+            fresh.load(sid)
         assert exc.value.path is not None and exc.value.path.is_relative_to(store.root)
     assert store.verify("ok").ok
     with pytest.raises(SessionNotFound):
@@ -282,7 +311,9 @@ def test_verify_detects_damage_and_lists_orphans_apart(store: FileSystemSessionS
 def test_orphans_alone_leave_verify_ok_and_gc_removes_them(store: FileSystemSessionStore) -> None:
     s = make_session("o", 3)
     store.save(s)
-    store.save(s.model_copy(update={"loops": s.loops[:1]}))  # two blobs now unreferenced
+    store.checkpoint("o")
+    store.save(s.model_copy(update={"loops": s.loops[:1]}))  # two blob files now unreferenced
+    store.checkpoint("o")
     stale = store.root / "tmp" / "1-x.tmp"
     stale.write_bytes(b"z")
     report = store.verify()
@@ -290,7 +321,8 @@ def test_orphans_alone_leave_verify_ok_and_gc_removes_them(store: FileSystemSess
     kept = store.gc()  # default grace: everything is fresh
     assert kept.blobs_removed == 0 and kept.tmp_removed == 0
     assert len(_blobs(store, "o")) == 3
-    assert store.stats().orphans == 3
+    # stats counts what verify lists: the two blobs (the fresh tmp file is in flight)
+    assert store.stats().orphans == len(report.orphans) == 2
     gone = store.gc(grace=0)
     assert gone.blobs_removed == 2 and gone.tmp_removed == 1
     assert len(_blobs(store, "o")) == 1
@@ -302,11 +334,13 @@ def test_orphans_alone_leave_verify_ok_and_gc_removes_them(store: FileSystemSess
 
 def test_gc_never_touches_a_damaged_session(store: FileSystemSessionStore) -> None:
     store.save(make_session("dm", 2))
+    store.checkpoint("dm")
     man = store.root / "sessions" / "dm" / "manifest.json"
     man.write_bytes(man.read_bytes()[:-30])
     report = store.gc(grace=0)
     assert report.sessions_skipped == 1 and report.blobs_removed == 0
-    assert len(_blobs(store, "dm")) == 2
+    assert [p.session_id for p in report.problems] == ["dm"]
+    assert len(list((store.root / "sessions" / "dm" / "loops").iterdir())) == 2
 
 
 def test_newer_format_is_refused(tmp_path: Path) -> None:
@@ -314,14 +348,14 @@ def test_newer_format_is_refused(tmp_path: Path) -> None:
     store = FileSystemSessionStore(root, durable=False)
     store.save(make_session("v", 1))
     marker = json.loads((root / "loopstore.json").read_text())
-    marker["version"] = 2
+    marker["version"] = 3
     (root / "loopstore.json").write_text(json.dumps(marker))
     with pytest.raises(UnsupportedFormat, match="newer"):
         FileSystemSessionStore(root)
     # A manifest from a newer writer is refused, not misread.
     man = root / "sessions" / "v" / "manifest.json"
     data, _ = ondisk.encode_manifest("v", 1, 1, {"session_id": "v"}, ())
-    man.write_bytes(data.replace(b'"version":1', b'"version":9'))
+    man.write_bytes(data.replace(b'"version":2', b'"version":9'))
     with pytest.raises(UnsupportedFormat, match="newer"):
         store.load("v")
 
@@ -360,39 +394,43 @@ def test_store_is_picklable(tmp_path: Path) -> None:
     assert clone.root == store.root and clone.lock_timeout == 1.5 and not clone.durable
 
 
-def test_reader_rereads_manifest_when_a_blob_vanishes(
+def test_reader_rereads_state_when_a_blob_vanishes(
     store: FileSystemSessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from loopstore import backend
+    from loopstore import atomic
 
     s = make_session("v", 2)
     store.save(s)
+    store.checkpoint("v")
     newer = s.model_copy(update={"loops": [make_loop("v", 7)]})
-    real = backend._FsReader.blob
-    fired = []
+    real = atomic.read_file
+    fired: list[int] = []
 
-    def racing_blob(self: backend._FsReader, digest: str) -> bytes:
-        if not fired:
-            fired.append(1)
-            store.save(newer)  # a writer replaces every loop...
-            store.gc(grace=0)  # ...and gc removes the old blobs before we read them
-        return real(self, digest)
+    def racing(action: object) -> object:
+        def read_file(dir_fd: int | None, name: str | Path) -> bytes:
+            if str(name).endswith(".zst") and not fired:
+                fired.append(1)
+                action()  # type: ignore[operator]
+            return real(dir_fd, name)
 
-    monkeypatch.setattr(backend._FsReader, "blob", racing_blob)
+        return read_file
+
+    def replace_and_collect() -> None:
+        store.save(newer)  # a writer replaces every loop...
+        store.checkpoint("v")
+        store.gc(grace=0)  # ...and gc removes the old blobs before we read them
+
+    monkeypatch.setattr(atomic, "read_file", racing(replace_and_collect))
     assert _dump(store.load("v")) == _dump(newer)
+    assert fired == [1]
     fired.clear()
+    monkeypatch.undo()
     store.save(s)
-    monkeypatch.setattr(backend._FsReader, "blob", racing_blob)
-
-    def delete_then_read(self: backend._FsReader, digest: str) -> bytes:
-        if not fired:
-            fired.append(1)
-            store.delete("v")
-        return real(self, digest)
-
-    monkeypatch.setattr(backend._FsReader, "blob", delete_then_read)
+    store.checkpoint("v")
+    monkeypatch.setattr(atomic, "read_file", racing(lambda: store.delete("v")))
     with pytest.raises(SessionNotFound):
         store.load("v")
+    assert fired == [1]
 
 
 def test_store_survives_its_directories_being_removed(tmp_path: Path) -> None:
@@ -417,16 +455,21 @@ def test_fsyncs_per_append_and_durable_false(
 
     calls: list[int] = []
     real = atomic.fsync
-    monkeypatch.setattr(atomic, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+
+    def counting(fd: int, *, data_only: bool = False) -> None:
+        calls.append(fd)
+        real(fd, data_only=data_only)
+
+    monkeypatch.setattr(atomic, "fsync", counting)
     durable = FileSystemSessionStore(tmp_path / "d", durable=True)
     calls.clear()
     durable.append_loop("x", make_loop("x", 0), session=make_session("x", 0))
     created = len(calls)
     calls.clear()
     durable.append_loop("x", make_loop("x", 1))
-    # blob file, loops/ dir, manifest file, session dir; creating a session adds the
-    # new directory and sessions/.
-    assert (created, len(calls)) == (6, 4)
+    # An append is one journal record and one fdatasync. A new session is published as
+    # one directory: its manifest, its journal, the staging directory and sessions/.
+    assert (created, len(calls)) == (4, 1)
     scratch = FileSystemSessionStore(tmp_path / "s", durable=False)
     calls.clear()
     scratch.append_loop("x", make_loop("x", 0), session=make_session("x", 0))
@@ -459,35 +502,43 @@ def test_gc_removes_crash_leftovers(store: FileSystemSessionStore) -> None:
     assert store.verify().ok and store.load("keep")
 
 
-def test_blobs_staged_while_waiting_are_rechecked_under_the_lock(tmp_path: Path) -> None:
+def test_appends_waiting_for_the_lock_are_committed_together(tmp_path: Path) -> None:
+    """Group commit: appends that wait for a held lock are handed to the next holder,
+    which commits them all as one record (one fdatasync), each in its own position."""
     import threading
 
     store = FileSystemSessionStore(tmp_path / "store", durable=True, lock_timeout=10)
-    store.save(make_session("st", 1))
-    loop = make_loop("st", 1)
-    name = ondisk.digest(loop.model_dump_json().encode()) + ".zst"
-    blob = store.root / "sessions" / "st" / "loops" / name
-    holding = threading.Event()
-    staged_seen: list[bool] = []
+    store.save(make_session("gc", 1))
+    before = store.session_info("gc").generation
+    loops = [make_loop("gc", i) for i in range(1, 9)]
+    errors: list[BaseException] = []
 
-    def holder() -> None:
-        with store.lock("st"):
-            holding.set()
-            deadline = time.monotonic() + 5
-            while not blob.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            staged_seen.append(blob.exists())  # written while the appender waited
-            blob.unlink()  # as an eager gc(grace=0) would
+    def append(i: int) -> None:
+        try:
+            store.append_loop("gc", loops[i])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
 
-    t = threading.Thread(target=holder)
-    t.start()
-    holding.wait(5)
-    store.append_loop("st", loop)
-    t.join()
-    assert staged_seen == [True]
-    assert blob.exists()
-    assert [lp.loop_id for lp in store.load("st").loops] == ["st.test.1", "st.test.2"]
+    with lock_held_in_thread(store, "gc") as release:
+        threads = [threading.Thread(target=append, args=(i,)) for i in range(len(loops))]
+        for t in threads:
+            t.start()
+        queue = store.root / "locks" / "gc.q"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and (
+            not queue.exists() or len(list(queue.glob("*.item"))) < len(loops) - 1
+        ):
+            time.sleep(0.01)
+        release.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    got = store.load("gc")
+    assert sorted(lp.loop_id for lp in got.loops[1:]) == sorted(lp.loop_id for lp in loops)
+    records = store.session_info("gc").generation - before
+    assert records < len(loops)  # several appends shared one record
     assert store.verify().ok
+    assert list((store.root / "locks" / "gc.q").iterdir()) == []
 
 
 @pytest.mark.parametrize("lock_busy", [False, True])
@@ -501,6 +552,7 @@ def test_torn_blob_under_its_final_name_is_replaced_not_trusted(
 
     store = FileSystemSessionStore(tmp_path / "store", durable=True, lock_timeout=10)
     store.save(make_session("torn", 1))
+    store.checkpoint("torn")
     loop = make_loop("torn", 1)
     good = ondisk.encode_blob(loop.model_dump_json().encode(), store.compression_level)
     path = store.root / "sessions" / "torn" / "loops" / good.name
@@ -513,19 +565,25 @@ def test_torn_blob_under_its_final_name_is_replaced_not_trusted(
             store.append_loop("torn", loop)
     else:
         store.append_loop("torn", loop)
+    store.checkpoint("torn")  # materializing the blob replaces the torn file
     assert path.read_bytes() == good.data
     assert _dump(store.load("torn").loops[-1]) == _dump(loop)
     assert store.verify(deep=True).ok
 
 
-def test_existing_blob_at_another_compression_level_is_trusted(tmp_path: Path) -> None:
+def test_existing_blob_file_with_other_bytes_is_replaced_by_ours(tmp_path: Path) -> None:
+    """A file under the blob's name with other bytes (another compression level, or
+    junk) is never trusted as ours: materializing writes our bytes over it."""
     store = FileSystemSessionStore(tmp_path / "store", durable=False, compression_level=3)
     store.save(make_session("lv", 1))
+    store.checkpoint("lv")
     loop = make_loop("lv", 1)
     other = ondisk.encode_blob(loop.model_dump_json().encode(), 19)
+    ours = ondisk.encode_blob(loop.model_dump_json().encode(), 3)
     path = store.root / "sessions" / "lv" / "loops" / other.name
     path.write_bytes(other.data)
     store.append_loop("lv", loop)
-    assert path.read_bytes() == other.data  # verified, so kept as it is
+    store.checkpoint("lv")
+    assert path.read_bytes() == ours.data
     assert _dump(store.load("lv").loops[-1]) == _dump(loop)
     assert store.verify(deep=True).ok

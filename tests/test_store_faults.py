@@ -19,10 +19,10 @@ from loopstore.store import FileSystemSessionStore
 def _failing(
     real: Callable[..., Any], err: int, when: Callable[..., bool] = lambda *a: True
 ) -> Callable[..., Any]:
-    def wrapper(*args: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         if when(*args):
             raise OSError(err, f"injected {errno.errorcode[err]}")
-        return real(*args)
+        return real(*args, **kwargs)
 
     return wrapper
 
@@ -36,11 +36,8 @@ def _dump(obj: Any) -> str:
     [
         ("write_all", errno.ENOSPC, lambda *a: True),
         ("fsync", errno.EIO, lambda *a: True),
-        ("rename", errno.EACCES, lambda *a: True),
-        # only the manifest publish fails: the new blob lands but is never named
-        ("rename", errno.ENOSPC, lambda sfd, src, dfd, dst: dst == "manifest.json"),
-        # the loops/ directory fsync fails after the blob rename
-        ("fsync", errno.EIO, lambda fd: _is_dir(fd)),
+        # only the journal's fdatasync fails: the written record is taken back
+        ("fsync", errno.EIO, lambda fd: not _is_dir(fd)),
     ],
 )
 def test_failed_commit_keeps_previous_state(
@@ -62,6 +59,11 @@ def test_failed_commit_keeps_previous_state(
     assert exc.value.path is not None and exc.value.path.is_relative_to(store.root)
     assert isinstance(exc.value.__cause__, OSError)
     assert str(exc.value.path) in str(exc.value)
+    with pytest.raises(StorageError):
+        store.save(make_session("new-session", 1))
+    monkeypatch.undo()
+    # A new session is published by one rename of its staging directory: fail it.
+    monkeypatch.setattr(atomic, "rename", _failing(atomic.rename, errno.EACCES))
     with pytest.raises(StorageError):
         store.save(make_session("new-session", 1))
     monkeypatch.undo()

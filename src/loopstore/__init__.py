@@ -33,7 +33,8 @@ from loopstore.models import (
     Usage,
 )
 from loopstore.recorder import SessionRecorder, SessionRecorderConfig
-from loopstore.store import AsyncFileSystemSessionStore, FileSystemSessionStore
+from loopstore.aio import AsyncFileSystemSessionStore
+from loopstore.store import FileSystemSessionStore
 
 __version__ = "0.1.0"
 

@@ -1,63 +1,45 @@
-"""Consistent, incremental backups of a live store (issue 7).
+"""Consistent, incremental backups of a live store, between any two stores.
 
-Why not just copy the directory: a writer publishes blobs first and the manifest last,
-but a tree walker (``cp -r``, ``rsync -a``) visits ``loops/`` *before* ``manifest.json``.
-A commit that lands between the two visits gives a copy whose manifest names blobs the
-copy lacks. `backup` walks in the safe order instead, per session:
+Why not just copy the directory: a session's state is its checkpoint plus its journal,
+and a tree walker (``cp -r``, ``rsync -a``) may copy them from different moments.
+`backup` copies one durable state per session instead:
 
-1. read the source manifest lock-free, exactly as readers do;
-2. hard-link (same filesystem; blobs are immutable and hash-named, so sharing an inode
-   is safe) or copy (tmp, fsync, rename) every blob it names that `dest` lacks, then
-   fsync ``dest/.../loops/``; a blob that vanished (gc, replaced loop) means a newer
-   manifest exists: re-read it and start the session over;
-3. write the manifest bytes into `dest` last, atomically (tmp, fsync, os.replace,
-   fsync the session directory).
+1. read the source session lock-free, exactly as readers do (checkpoint + journal,
+   made durable first if no sync mark vouches for it);
+2. check every blob that state names against its hash (decompress, xxh3-128): a
+   damaged blob is never copied; the session is reported and the destination keeps
+   its previous good version;
+3. under the destination's session lock, put the blobs the destination lacks
+   (hard-linked when both stores share a filesystem and `link` is on, else copied),
+   then publish the state there at rest: a checkpoint with an empty journal.
 
-So every session in `dest` is byte-for-byte a manifest the source committed (same
-generation and checksum) with all its blobs. `dest` is itself a store: restore is
-opening it. Each dest session is written under dest's session lock, so two backups
-into one `dest` never interleave, and since the source manifest is read under that
-lock a later backup never writes an older generation over a newer one.
-
-Sessions are snapshotted one at a time: each is a committed state, the set of them is
-not one instant of the whole store (loopstore has no cross-session transactions).
+Every destination session is a state its source session had. `dest` is itself a store:
+restoring is opening it (or backing it up the other way). Sessions are taken one at a
+time: each is a committed state, the set is not one instant of the whole store.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from loopstore import atomic, ondisk
-from loopstore.backend import FileSystemBackend, SessionWriter
-from loopstore.errors import CorruptSession, SessionLocked, StorageError, UnsupportedFormat
-from loopstore.store import FileSystemSessionStore, VerifyReport
+from loopstore import journal, ondisk
+from loopstore.errors import SessionError, StorageError, storage_error
+from loopstore.fsbackend import FileSystemBackend, FsSession
+from loopstore.journal import Change
+from loopstore.reports import VerifyReport
+from loopstore.store import FileSystemSessionStore, SessionStore
 
-DEST_LOCK_TIMEOUT_S = 60.0
-"""How long a backup waits for a dest session another backup is writing."""
-READ_RETRIES = 8
-"""Source manifest re-reads per session when blobs keep vanishing under us."""
+DEST_LOCK_TIMEOUT_S: Final = 60.0
+#: How long a backup waits for a destination session another backup is writing.
 
 ProgressFn = Callable[[int, int], None]
 
-# errnos meaning "hard links are not possible here": fall back to copying.
-_NO_LINK_ERRNOS = frozenset(
-    e
-    for e in (
-        errno.EXDEV,
-        errno.EPERM,
-        errno.EMLINK,
-        errno.ENOTSUP,
-        getattr(errno, "EOPNOTSUPP", errno.ENOTSUP),
-        errno.EACCES,
-    )
-)
+_SKELETON: Final = frozenset({ondisk.SESSIONS_DIR, ondisk.LOCKS_DIR, ondisk.TMP_DIR})
 
 
 # --------------------------------------------------------------------------- reports
@@ -73,10 +55,10 @@ class BackupFailure:
 
 @dataclass
 class BackupReport:
-    """What one backup run did; bytes are on-disk (compressed) blob sizes."""
+    """What one backup run did; bytes are stored (compressed) blob sizes."""
 
-    source: Path
-    dest: Path
+    source: str
+    dest: str
     mode: str = "link"
     sessions: int = 0
     sessions_updated: int = 0
@@ -89,13 +71,8 @@ class BackupReport:
     bytes_copied: int = 0
     files_skipped: int = 0
     bytes_skipped: int = 0
-    files_removed: int = 0
-    bytes_removed: int = 0
-    manifests_written: int = 0
-    manifest_bytes: int = 0
-    retries: int = 0
+    blobs_verified: int = 0
     failed: list[BackupFailure] = field(default_factory=list)
-    left_alone: list[Path] = field(default_factory=list)
     duration_s: float = 0.0
 
     @property
@@ -105,9 +82,6 @@ class BackupReport:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (for `loopstore backup --json`)."""
         doc = asdict(self)
-        doc["source"] = str(self.source)
-        doc["dest"] = str(self.dest)
-        doc["left_alone"] = [str(p) for p in self.left_alone]
         doc["ok"] = self.ok
         return doc
 
@@ -116,16 +90,16 @@ class BackupReport:
 class BackupVerifyReport:
     """A backup checked against its live source.
 
-    `current`: same manifest as the source; `behind`: an older commit of the source
-    session (the source moved on since the backup); `missing`: in the source, not in
-    the backup; `extra`: in the backup, not in the source (deleted since, or kept with
-    prune=False); `diverged`: differs from the source and is not older than it, so it
-    is not a state the source committed. `ok` is dest.verify() clean and nothing
-    diverged; `in_sync` also needs no behind/missing/extra session.
+    `current`: the same state as the source (header and loop index); `behind`: an
+    older state (the source committed since); `missing`: in the source, not in the
+    backup; `extra`: in the backup, not in the source (deleted since, or kept with
+    prune=False); `diverged`: differs and is not older, so not a state the source had.
+    `ok` is dest.verify() clean and nothing diverged; `in_sync` also needs no
+    behind/missing/extra session.
     """
 
-    source: Path
-    dest: Path
+    source: str
+    dest: str
     dest_report: VerifyReport
     sessions_checked: int = 0
     current: list[str] = field(default_factory=list)
@@ -144,8 +118,8 @@ class BackupVerifyReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "source": str(self.source),
-            "dest": str(self.dest),
+            "source": self.source,
+            "dest": self.dest,
             "ok": self.ok,
             "in_sync": self.in_sync,
             "sessions_checked": self.sessions_checked,
@@ -170,260 +144,134 @@ class BackupVerifyReport:
 # --------------------------------------------------------------------------- internals
 
 
-class _Vanished(Exception):
-    """A source blob disappeared: a newer manifest exists (or the session was deleted)."""
-
-
-class _SourceDamaged(Exception):
-    """A source blob does not match its manifest entry."""
-
-
-def _oserror(session_id: str | None, verb: str, path: Path, exc: OSError) -> StorageError:
-    err = StorageError(session_id, f"cannot {verb}: {exc.strerror or exc}", path=path)
-    err.__cause__ = exc
-    return err
+class _Damaged(Exception):
+    """A source blob does not match its name: the session is not backed up."""
 
 
 @dataclass
 class _Run:
-    src: FileSystemBackend
-    dst: FileSystemBackend
-    dst_store: FileSystemSessionStore
+    src: SessionStore
+    dst: SessionStore
     report: BackupReport
-    prune: bool
     link: bool
+    copy_only: bool
 
 
-def _transfer_blob(
-    run: _Run, sid: str, entry: ondisk.LoopEntry, src_lfd: int, dst_lfd: int, writer: SessionWriter
-) -> bool:
-    """Put one source blob into dest loops/; True if it was hard-linked (needs dir fsync).
+def _same(a: journal.SessionState, b: journal.SessionState) -> bool:
+    """Same session content: header and loop index (generations differ between stores)."""
+    return dict(a.header) == dict(b.header) and [(e.loop_id, e.blob) for e in a.entries] == [
+        (e.loop_id, e.blob) for e in b.entries
+    ]
 
-    Raises _Vanished if the source blob is gone, _SourceDamaged if its size is wrong.
-    """
-    name = ondisk.blob_filename(entry.blob)
-    src_path = run.src.layout.blob(sid, entry.blob)
-    if run.link:
+
+def _source_blobs(
+    run: _Run, h: Any, state: journal.SessionState
+) -> tuple[list[ondisk.EncodedBlob], dict[str, Path]]:
+    """Every blob the state names, hash-checked; where linking is possible, the source file."""
+    sid = state.session_id
+    out: list[ondisk.EncodedBlob] = []
+    links: dict[str, Path] = {}
+    gen = state.checkpoint_generation
+    for e in {e.blob: e for e in state.entries}.values():
+        span = state.journal_blobs.get(e.blob)
         try:
-            st = os.stat(name, dir_fd=src_lfd, follow_symlinks=False)
+            data = h.payload(gen, span) if span is not None else h.blob(e.blob)
         except FileNotFoundError:
-            raise _Vanished(name) from None
-        except OSError as exc:
-            raise _oserror(sid, "stat source blob", src_path, exc) from exc
-        if not stat.S_ISREG(st.st_mode) or st.st_size != entry.stored_size:
-            raise _SourceDamaged(
-                f"source blob {name} is {st.st_size} bytes, manifest says {entry.stored_size}"
+            raise _Damaged(f"source is missing the blob of loop {e.loop_id!r}") from None
+        try:
+            ondisk.decode_blob(
+                data, e.blob, session_id=sid, path=None, expected_raw_size=e.raw_size
             )
-        try:
-            os.link(name, name, src_dir_fd=src_lfd, dst_dir_fd=dst_lfd, follow_symlinks=False)
-        except FileNotFoundError:
-            raise _Vanished(name) from None
-        except FileExistsError:
-            return False
-        except OSError as exc:
-            if exc.errno not in _NO_LINK_ERRNOS:
-                raise _oserror(
-                    sid, "hard-link blob", run.dst.layout.blob(sid, entry.blob), exc
-                ) from exc
-            run.link = False  # other filesystem (or no link support): copy from now on
-            run.report.mode = "copy"
-        else:
-            if not run.src.durable:  # the shared inode may not be on disk yet
-                try:
-                    atomic.fsync_file(dst_lfd, name)
-                except OSError as exc:
-                    raise _oserror(
-                        sid, "fsync linked blob", run.dst.layout.blob(sid, entry.blob), exc
-                    ) from exc
-            run.report.files_linked += 1
-            run.report.bytes_linked += entry.stored_size
-            return True
-    try:
-        data = atomic.read_file(src_lfd, name)
-    except FileNotFoundError:
-        raise _Vanished(name) from None
-    except OSError as exc:
-        raise _oserror(sid, "read source blob", src_path, exc) from exc
-    if len(data) != entry.stored_size:
-        raise _SourceDamaged(
-            f"source blob {name} is {len(data)} bytes, manifest says {entry.stored_size}"
-        )
-    writer.put_blob(ondisk.EncodedBlob(entry.blob, entry.raw_size, data))
-    run.report.files_copied += 1
-    run.report.bytes_copied += entry.stored_size
-    return False
-
-
-def _unique(entries: Iterable[ondisk.LoopEntry]) -> list[ondisk.LoopEntry]:
-    return list({e.blob: e for e in entries}.values())
-
-
-def _dest_checksum(run: _Run, sid: str) -> str | None:
-    data = run.dst.read_manifest(sid)
-    if data is None:
-        return None
-    try:
-        return ondisk.manifest_checksum(data, session_id=sid, path=run.dst.layout.manifest(sid))
-    except CorruptSession:
-        return None  # a damaged dest manifest is simply replaced
-
-
-def _copy_session(run: _Run, sid: str, m: ondisk.Manifest, data: bytes) -> None:
-    """Blobs first (linked or copied, then loops/ fsynced), the manifest last."""
-    report = run.report
-    have = {f.name: f.size for f in run.dst.list_blobs(sid) if not f.is_dir}
-    src_lfd = -1
-    try:
-        try:
-            src_lfd = atomic.open_dir(run.src.layout.loops_dir(sid))
-        except FileNotFoundError:
-            raise _Vanished(str(run.src.layout.loops_dir(sid))) from None
-        except OSError as exc:
-            raise _oserror(sid, "open source loops", run.src.layout.loops_dir(sid), exc) from exc
-        with run.dst.writer(sid) as w:
-            dst_lfd = w.loops_fd()
-            linked = False
-            for e in _unique(m.loops):
-                name = ondisk.blob_filename(e.blob)
-                size = have.get(name)
-                if size == e.stored_size:
-                    report.files_skipped += 1
-                    report.bytes_skipped += size
-                    continue
-                if size is not None:  # wrong size: a damaged copy, replace it
-                    atomic.unlink_quiet(dst_lfd, name)
-                linked |= _transfer_blob(run, sid, e, src_lfd, dst_lfd, w)
-            w.sync_blobs()
-            if linked and run.dst.durable:
-                try:
-                    atomic.fsync_dir(dst_lfd)
-                except OSError as exc:
-                    raise _oserror(
-                        sid, "fsync dest loops", run.dst.layout.loops_dir(sid), exc
-                    ) from exc
-            w.replace_manifest(data, expected_generation=None)
-            report.manifests_written += 1
-            report.manifest_bytes += len(data)
-            if run.prune:
-                keep = {ondisk.blob_filename(b) for b in m.blobs}
-                for name, size in have.items():
-                    if name not in keep and ondisk.is_blob_name(name):
-                        run.dst.delete_blob(sid, name)
-                        report.files_removed += 1
-                        report.bytes_removed += size
-    finally:
-        if src_lfd >= 0:
-            os.close(src_lfd)
+        except ondisk.DamagedBlob as exc:
+            where = h.blob_path(e.blob) if span is None else "its journal"
+            raise _Damaged(f"damaged blob of loop {e.loop_id!r} ({where}): {exc.cause}") from None
+        run.report.blobs_verified += 1
+        out.append(ondisk.EncodedBlob(e.blob, e.raw_size, data))
+        if span is None and run.link and isinstance(h, FsSession):
+            links[e.blob] = h.blob_path(e.blob)
+    return out, links
 
 
 def _backup_session(run: _Run, sid: str) -> str:
-    """One session under dest's lock: 'updated', 'unchanged', 'vanished' or 'failed'."""
-    report = run.report
-    src_manifest_path = run.src.layout.manifest(sid)
-    with run.dst_store.lock(sid):
-        data = run.src.read_manifest(sid)
-        for _attempt in range(READ_RETRIES):
-            if data is None:
-                return "vanished"
+    """One session: 'updated', 'unchanged' or 'vanished'; raises _Damaged."""
+    src, dst, report = run.src, run.dst, run.report
+    with src.backend.session(sid) as h:
+        r = src.read_state(h) if h is not None else None
+        if h is None or r is None:
+            return "vanished"
+        if not r.sealed:
+            h.make_durable(r.state.checkpoint_generation)
+        state = r.state
+        with dst.lock(sid), dst.backend.session(sid) as dh:
             try:
-                m = ondisk.decode_manifest(data, session_id=sid, path=src_manifest_path)
-            except (CorruptSession, UnsupportedFormat) as exc:
-                report.failed.append(BackupFailure(sid, f"source manifest: {exc.cause}"))
-                return "failed"
-            if _dest_checksum(run, sid) == m.checksum:
-                have = {f.name for f in run.dst.list_blobs(sid)}
-                blobs = _unique(m.loops)
-                if all(ondisk.blob_filename(e.blob) in have for e in blobs):
-                    report.files_skipped += len(blobs)
-                    report.bytes_skipped += sum(e.stored_size for e in blobs)
-                    return "unchanged"
-            try:
-                _copy_session(run, sid, m, data)
-            except _Vanished:
-                report.retries += 1
-                again = run.src.read_manifest(sid)
-                if again == data:
-                    report.failed.append(
-                        BackupFailure(sid, "source is missing a blob its manifest names")
+                dr = dst.read_state(dh) if dh is not None else None
+            except SessionError:
+                dr = None  # a damaged copy is simply replaced
+            if dh is not None and dr is not None and _same(state, dr.state):
+                if not run.copy_only or not _shares_inodes(h, dh, state):
+                    report.files_skipped += len(state.blobs)
+                    report.bytes_skipped += sum(
+                        e.stored_size for e in {e.blob: e for e in state.entries}.values()
                     )
-                    return "failed"
-                data = again
-                continue
-            except _SourceDamaged as exc:
-                report.failed.append(BackupFailure(sid, str(exc)))
-                return "failed"
-            return "updated"
-    report.failed.append(
-        BackupFailure(sid, f"session kept changing; gave up after {READ_RETRIES} reads")
-    )
-    return "failed"
+                    return "unchanged"
+            blobs, links = _source_blobs(run, h, state)
+            if dh is None or dr is None:
+                data, _m = ondisk.encode_manifest(
+                    sid, state.generation, state.committed_at_ns, state.header, state.entries
+                )
+                linked, written = dst.backend.install(sid, data, state.generation, blobs, links)
+            else:
+                sizes = {e.blob: e.stored_size for e in state.entries}
+                have = {d for d in state.blobs if dh.blob_size(d) == sizes[d]}
+                force = {d for d in have if run.copy_only and _shared(h, dh, d)}
+                todo = [b for b in blobs if b.digest not in have or b.digest in force]
+                linked, written = dh.materialize(todo, links=links, force=force)
+                skipped = [b for b in blobs if b.digest in have and b.digest not in force]
+                report.files_skipped += len(skipped)
+                report.bytes_skipped += sum(b.stored_size for b in skipped)
+                change = Change(dr.state)
+                change.set_header(state.header)
+                change.set_loops(state.entries, {})
+                if not change.empty:
+                    dst._fold(dh, dst._commit(sid, dh, dr, change))
+    stored = {b.digest: b.stored_size for b in blobs}
+    report.files_linked += len(linked)
+    report.bytes_linked += sum(stored[d] for d in linked)
+    report.files_copied += len(written)
+    report.bytes_copied += sum(stored[d] for d in written)
+    return "updated"
 
 
-def _is_loopstore_session(run: _Run, sid: str) -> bool:
-    """True for a dest entry a backup (or store) made: a valid manifest, or only blobs."""
-    data = run.dst.read_manifest(sid)
-    if data is not None:
-        try:
-            ondisk.decode_manifest(data, session_id=sid, path=run.dst.layout.manifest(sid))
-        except (CorruptSession, UnsupportedFormat):
-            return False
-        expected = {ondisk.MANIFEST_NAME, ondisk.LOOPS_DIR}
-    else:
-        expected = {ondisk.LOOPS_DIR}  # an interrupted backup's incomplete session
-    path = run.dst.layout.session_dir(sid)
-    try:
-        names = set(os.listdir(path))
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise _oserror(sid, "list dest session", path, exc) from exc
-    if not names <= expected:
-        return False
-    return all(f.is_dir is False and ondisk.is_blob_name(f.name) for f in run.dst.list_blobs(sid))
+def _shared(h: Any, dh: Any, digest: str) -> bool:
+    a, b = h.blob_identity(digest), dh.blob_identity(digest)
+    return a is not None and a == b
+
+
+def _shares_inodes(h: Any, dh: Any, state: journal.SessionState) -> bool:
+    return any(_shared(h, dh, d) for d in state.blobs)
 
 
 def _prune(run: _Run, keep: set[str]) -> None:
-    """Remove dest sessions the source no longer has; anything else is left alone."""
-    report = run.report
-    for sid in sorted(run.dst.list_sessions()):
-        if sid in keep or run.src.has_manifest(sid):
+    """Remove dest sessions the source no longer has."""
+    for sid in sorted(run.dst.backend.list_sessions()):
+        if sid in keep or run.src.backend.has_manifest(sid):
             continue
         try:
-            with run.dst_store.lock(sid):
-                if not _is_loopstore_session(run, sid):
-                    report.left_alone.append(run.dst.layout.session_dir(sid))
-                    continue
-                files = run.dst.list_blobs(sid)
-                if run.dst.delete_session(sid):
-                    report.sessions_removed += 1
-                    report.files_removed += len(files)
-                    report.bytes_removed += sum(f.size for f in files)
-        except SessionLocked as exc:
-            report.failed.append(BackupFailure(sid, f"not pruned: {exc.cause}"))
+            run.dst.delete(sid)
+            run.report.sessions_removed += 1
+        except SessionError as exc:
+            if exc.__class__.__name__ == "SessionNotFound":
+                continue
+            run.report.failed.append(BackupFailure(sid, f"not pruned: {exc.cause}"))
 
 
-_SKELETON = frozenset({ondisk.SESSIONS_DIR, ondisk.LOCKS_DIR, ondisk.TMP_DIR})
-_MARKER_TMP = ondisk.MARKER_NAME + ".tmp."
-
-
-def _write_marker_first(dest: Path) -> None:
-    """Mark `dest` as a store before anything else is put in it (idempotent, atomic)."""
-    marker = ondisk.Layout(dest).marker
-    if marker.exists():
-        return
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        atomic.atomic_write_path(marker, ondisk.marker_bytes(), tmp_prefix=ondisk.MARKER_NAME)
-    except OSError as exc:
-        raise _oserror(None, "create backup store marker", marker, exc) from exc
-
-
-def _check_dest(src_root: Path, dest: Path) -> None:
+def _check_dest(src: SessionStore, dest: Path) -> None:
     """Refuse a dest that overlaps the source or is a non-empty non-store directory."""
-    src_real = Path(os.path.realpath(src_root))
-    dst_real = Path(os.path.realpath(dest))
-    if dst_real == src_real or src_real in dst_real.parents or dst_real in src_real.parents:
-        raise StorageError(None, "backup destination overlaps the source store", path=dest)
+    if isinstance(src, FileSystemSessionStore):
+        src_real = Path(os.path.realpath(src.root))
+        dst_real = Path(os.path.realpath(dest))
+        if dst_real == src_real or src_real in dst_real.parents or dst_real in src_real.parents:
+            raise StorageError(None, "backup destination overlaps the source store", path=dest)
     try:
         names = os.listdir(dest)
     except FileNotFoundError:
@@ -431,11 +279,10 @@ def _check_dest(src_root: Path, dest: Path) -> None:
     except NotADirectoryError:
         raise StorageError(None, "backup destination is not a directory", path=dest) from None
     except OSError as exc:
-        raise _oserror(None, "list backup destination", dest, exc) from exc
+        raise storage_error(None, "list backup destination", dest, exc) from exc
     if ondisk.MARKER_NAME in names:
         return
-    # A store being created right now (by a concurrent backup) is not someone's files.
-    if any(n not in _SKELETON and not n.startswith(_MARKER_TMP) for n in names):
+    if any(n not in _SKELETON for n in names):
         raise StorageError(
             None,
             "backup destination is a non-empty directory that is not a loopstore store; "
@@ -444,124 +291,133 @@ def _check_dest(src_root: Path, dest: Path) -> None:
         )
 
 
+def open_dest(store: SessionStore, dest: str | os.PathLike[str] | SessionStore) -> SessionStore:
+    """The destination store (a path is checked and created; a store is used as it is)."""
+    if isinstance(dest, SessionStore):
+        return dest
+    text = os.fspath(dest)
+    if "://" in text and not text.startswith("file://"):
+        from loopstore.locations import open_store
+
+        return open_store(text, lock_timeout=DEST_LOCK_TIMEOUT_S)
+    path = Path(os.path.abspath(text.removeprefix("file://")))
+    _check_dest(store, path)
+    return FileSystemSessionStore(path, lock_timeout=DEST_LOCK_TIMEOUT_S)
+
+
 # --------------------------------------------------------------------------- API
 
 
 def backup(
-    store: FileSystemSessionStore,
-    dest: str | os.PathLike[str],
+    store: SessionStore,
+    dest: str | os.PathLike[str] | SessionStore,
     *,
     prune: bool = True,
     progress: ProgressFn | None = None,
     link: bool = True,
 ) -> BackupReport:
-    """Make (or bring up to date) a consistent backup of `store` in directory `dest`.
+    """Make (or bring up to date) a consistent backup of `store` in `dest`.
 
-    `dest` becomes a store of its own (marker first). Only blobs `dest` lacks are
-    linked or copied and only changed manifests written. prune=True (the default)
-    makes `dest` a mirror: sessions deleted in the source, and blobs no dest manifest
-    names any more, are removed, so restoring brings back exactly the live store and
-    `dest` does not grow forever. prune=False never removes anything (a deleted
-    session stays restorable). Entries in `dest` that are not loopstore sessions are
-    never touched. link=False always copies (a backup on the same disk then does not
-    share the source's inodes). `progress(done, total)` counts source sessions.
+    `dest` is a directory (made a store of its own), a store URL or a store. Only
+    blobs `dest` lacks are linked or copied and only changed sessions written.
+    prune=True (the default) makes `dest` a mirror: sessions deleted in the source are
+    removed. prune=False never removes anything (a deleted session stays restorable).
+    link=False always copies: the backup then shares no inode with the source, also
+    for blobs an earlier linking backup left there. `progress(done, total)` counts
+    source sessions. A session whose blobs fail their hash check is reported in
+    `failed` and keeps its previous copy in `dest`.
     """
     started = time.monotonic()
-    dest_path = Path(os.path.abspath(os.fspath(dest)))
-    _check_dest(store.root, dest_path)
-    _write_marker_first(dest_path)
-    src = FileSystemBackend(store.root, durable=store.durable)
+    dst = open_dest(store, dest)
+    both_fs = isinstance(store.backend, FileSystemBackend) and isinstance(
+        dst.backend, FileSystemBackend
+    )
+    report = BackupReport(source=store.location, dest=dst.location)
+    report.mode = "link" if link and both_fs else "copy"
+    run = _Run(store, dst, report, link and both_fs, not link)
     try:
-        dst_store = FileSystemSessionStore(dest_path, lock_timeout=DEST_LOCK_TIMEOUT_S)
-        dst = FileSystemBackend(dest_path, durable=True)
-        try:
-            report = BackupReport(source=store.root, dest=dest_path)
-            run = _Run(src, dst, dst_store, report, prune, link)
-            if not link:
-                report.mode = "copy"
-            ids = sorted(src.list_sessions())
-            total = len(ids)
+        ids = sorted(store.backend.list_sessions())
+        total = len(ids)
+        if progress is not None:
+            progress(0, total)
+        seen: set[str] = set()
+        for done, sid in enumerate(ids, 1):
+            try:
+                outcome = _backup_session(run, sid)
+            except _Damaged as exc:
+                report.failed.append(BackupFailure(sid, str(exc)))
+                outcome = "failed"
+            except SessionError as exc:
+                report.failed.append(BackupFailure(sid, exc.cause))
+                outcome = "failed"
+            if outcome != "vanished":
+                seen.add(sid)
+            if outcome == "updated":
+                report.sessions += 1
+                report.sessions_updated += 1
+            elif outcome == "unchanged":
+                report.sessions += 1
+                report.sessions_unchanged += 1
+            elif outcome == "vanished":
+                report.sessions_vanished += 1
             if progress is not None:
-                progress(0, total)
-            seen: set[str] = set()
-            for done, sid in enumerate(ids, 1):
-                try:
-                    outcome = _backup_session(run, sid)
-                except SessionLocked as exc:
-                    report.failed.append(BackupFailure(sid, f"dest session locked: {exc.cause}"))
-                    outcome = "failed"
-                if outcome != "vanished":
-                    seen.add(sid)
-                if outcome == "updated":
-                    report.sessions += 1
-                    report.sessions_updated += 1
-                elif outcome == "unchanged":
-                    report.sessions += 1
-                    report.sessions_unchanged += 1
-                elif outcome == "vanished":
-                    report.sessions_vanished += 1
-                if progress is not None:
-                    progress(done, total)
-            if prune:
-                _prune(run, seen)
-        finally:
-            dst.close()
-            dst_store.close()
+                progress(done, total)
+        if prune:
+            _prune(run, seen)
     finally:
-        src.close()
+        if dst is not dest:
+            dst.close()
     report.duration_s = time.monotonic() - started
     return report
 
 
 def verify_backup(
-    store: FileSystemSessionStore,
-    dest: str | os.PathLike[str],
+    store: SessionStore,
+    dest: str | os.PathLike[str] | SessionStore,
     *,
     progress: ProgressFn | None = None,
 ) -> BackupVerifyReport:
     """Check `dest` on its own (verify()) and against the live source, session by session."""
-    dest_path = Path(os.path.abspath(os.fspath(dest)))
-    if not (dest_path / ondisk.MARKER_NAME).is_file():
-        raise StorageError(None, "no loopstore backup here (no store marker)", path=dest_path)
-    dst_store = FileSystemSessionStore(dest_path)
-    src = FileSystemBackend(store.root, durable=store.durable)
-    dst = FileSystemBackend(dest_path, durable=True)
+    if isinstance(dest, SessionStore):
+        dst = dest
+    else:
+        text = os.fspath(dest)
+        if "://" not in text:
+            marker = Path(text) / ondisk.MARKER_NAME
+            if not marker.is_file():
+                raise StorageError(None, "no loopstore backup here (no store marker)", path=text)
+        dst = open_dest(store, dest)
     try:
-        report = BackupVerifyReport(store.root, dest_path, dst_store.verify(progress=progress))
-        dest_ids = sorted(dst.list_sessions())
+        report = BackupVerifyReport(store.location, dst.location, dst.verify(progress=progress))
+        dest_ids = sorted(dst.backend.list_sessions())
         for sid in dest_ids:
-            d_data = dst.read_manifest(sid)
-            if d_data is None:
-                continue  # incomplete (interrupted) session: verify listed it as an orphan
             try:
-                d = ondisk.decode_manifest(d_data, session_id=sid, path=dst.layout.manifest(sid))
-            except (CorruptSession, UnsupportedFormat):
-                continue  # verify() reported it
+                d = dst.session_state(sid)
+            except SessionError:
+                continue  # verify() reported it (or it is incomplete)
             report.sessions_checked += 1
-            s_data = src.read_manifest(sid)
-            if s_data is None:
-                report.extra.append(sid)
-                continue
             try:
-                s = ondisk.decode_manifest(s_data, session_id=sid, path=src.layout.manifest(sid))
-            except (CorruptSession, UnsupportedFormat):
-                report.diverged.append(sid)
+                s = store.session_state(sid)
+            except SessionError as exc:
+                if exc.__class__.__name__ == "SessionNotFound":
+                    report.extra.append(sid)
+                else:
+                    report.diverged.append(sid)
                 continue
-            if d.checksum == s.checksum:
+            if _same(d, s):
                 report.current.append(sid)
             elif d.committed_at_ns < s.committed_at_ns:
                 report.behind.append(sid)
             else:
                 report.diverged.append(sid)
-        present = set(dest_ids)
-        for sid in sorted(src.list_sessions()):
-            if src.has_manifest(sid) and (sid not in present or not dst.has_manifest(sid)):
+        present = set(report.current + report.behind + report.diverged + report.extra)
+        for sid in sorted(store.backend.list_sessions()):
+            if sid not in present and store.backend.has_manifest(sid):
                 report.missing.append(sid)
         return report
     finally:
-        dst.close()
-        src.close()
-        dst_store.close()
+        if dst is not dest:
+            dst.close()
 
 
 __all__ = [

@@ -7,7 +7,8 @@ failed and *why* in one line: ``str(err)`` reads ``session 'abc': <cause>``.
 
 from __future__ import annotations
 
-from pathlib import Path
+import errno
+from pathlib import Path, PurePath
 
 
 class SessionError(Exception):
@@ -18,11 +19,14 @@ class SessionError(Exception):
         session_id: str | None,
         cause: str,
         *,
-        path: str | Path | None = None,
+        path: str | PurePath | None = None,
     ) -> None:
         self.session_id = session_id
         self.cause = cause
-        self.path = Path(path) if path is not None else None
+        # A filesystem path becomes a Path; an object-store URL stays text.
+        self.path: PurePath | str | None = (
+            Path(path) if isinstance(path, str) and "://" not in path else path
+        )
         where = f"session {session_id!r}" if session_id is not None else "store"
         text = f"{where}: {cause}"
         if self.path is not None and str(self.path) not in cause:
@@ -35,7 +39,7 @@ class SessionError(Exception):
 
 
 def _rebuild(
-    cls: type[SessionError], session_id: str | None, cause: str, path: Path | None
+    cls: type[SessionError], session_id: str | None, cause: str, path: PurePath | str | None
 ) -> SessionError:
     err = cls.__new__(cls)
     SessionError.__init__(err, session_id, cause, path=path)
@@ -46,7 +50,11 @@ class SessionNotFound(SessionError):
     """The session does not exist (never created, or deleted)."""
 
     def __init__(
-        self, session_id: str | None, cause: str = "not found", *, path: str | Path | None = None
+        self,
+        session_id: str | None,
+        cause: str = "not found",
+        *,
+        path: str | PurePath | None = None,
     ) -> None:
         super().__init__(session_id, cause, path=path)
 
@@ -78,6 +86,19 @@ class UnsupportedFormat(SessionError):
     """The store on disk was written by a newer (or unknown) loopstore format."""
 
 
+def storage_error(
+    session_id: str | None, verb: str, path: str | PurePath | None, exc: OSError
+) -> StorageError:
+    """The one translation of an OSError: `cannot <verb>: <why>`, the path, the cause chained."""
+    if exc.errno == errno.ELOOP:
+        cause = f"cannot {verb}: refusing to follow a symlink inside the store"
+    else:
+        cause = f"cannot {verb}: {exc.strerror or exc}"
+    err = StorageError(session_id, cause, path=path)
+    err.__cause__ = exc
+    return err
+
+
 __all__ = [
     "CorruptSession",
     "InvalidSessionId",
@@ -87,4 +108,5 @@ __all__ = [
     "SessionNotFound",
     "StorageError",
     "UnsupportedFormat",
+    "storage_error",
 ]

@@ -11,14 +11,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Final
 
 import pydantic
 
 from loopstore import atomic, ondisk
-from loopstore.errors import CorruptSession, SessionNotFound, StorageError
+from loopstore.errors import CorruptSession, SessionNotFound, storage_error
 from loopstore.models import Session
 
-LEGACY_SUFFIX = ".json"
+LEGACY_SUFFIX: Final = ".json"
 
 
 def legacy_bytes(session: Session) -> bytes:
@@ -30,12 +31,6 @@ def legacy_path(session_id: str, directory: Path) -> Path:
     return Path(directory) / (ondisk.validate_session_id(session_id) + LEGACY_SUFFIX)
 
 
-def _storage_error(session_id: str | None, verb: str, path: Path, exc: OSError) -> StorageError:
-    err = StorageError(session_id, f"cannot {verb}: {exc.strerror or exc}", path=path)
-    err.__cause__ = exc
-    return err
-
-
 def save_session(session: Session, dir: Path) -> Path:
     """Write `{dir}/{session_id}.json` atomically; returns the path."""
     directory = Path(dir)
@@ -43,9 +38,9 @@ def save_session(session: Session, dir: Path) -> Path:
     data = legacy_bytes(session)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic.atomic_write_path(path, data, durable=True, tmp_prefix=path.name)
+        atomic.atomic_write_path(path, data, point="staging", tmp_prefix=path.name)
     except OSError as exc:
-        raise _storage_error(session.session_id, "write session file", path, exc) from exc
+        raise storage_error(session.session_id, "write session file", path, exc) from exc
     return path
 
 
@@ -56,7 +51,7 @@ def load_session(session_id: str, dir: Path) -> Session:
     except FileNotFoundError:
         raise SessionNotFound(session_id, path=path) from None
     except OSError as exc:
-        raise _storage_error(session_id, "read session file", path, exc) from exc
+        raise storage_error(session_id, "read session file", path, exc) from exc
     try:
         return Session.model_validate_json(data)
     except pydantic.ValidationError as exc:
@@ -84,7 +79,7 @@ def list_session_ids(dir: Path) -> list[str]:
     except FileNotFoundError:
         return []
     except OSError as exc:
-        raise _storage_error(None, "list session files", directory, exc) from exc
+        raise storage_error(None, "list session files", directory, exc) from exc
     entries.sort(key=lambda t: (-t[0], t[1]))
     return [sid for _, sid in entries]
 
@@ -111,7 +106,7 @@ def delete_session(session_id: str, dir: Path) -> None:
     except FileNotFoundError:
         raise SessionNotFound(session_id, path=path) from None
     except OSError as exc:
-        raise _storage_error(session_id, "delete session file", path, exc) from exc
+        raise storage_error(session_id, "delete session file", path, exc) from exc
 
 
 __all__ = [

@@ -24,16 +24,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import fasteners  # type: ignore[import-untyped]
 
 from loopstore.errors import SessionLocked, StorageError
 
-LOCK_TIMEOUT_S = 5.0
-LOCK_POLL_INTERVAL_S = 0.05
-# First gap between file-lock attempts; doubles on each miss up to the poll interval.
-LOCK_FIRST_POLL_S = 0.001
+LOCK_TIMEOUT_S: Final = 5.0
+#: The default retry budget: long enough for a busy hot session, short enough that a
+#: stuck holder is noticed.
+LOCK_POLL_INTERVAL_S: Final = 0.05
+#: The longest gap between file-lock attempts once a wait has backed off.
+LOCK_FIRST_POLL_S: Final = 0.001
+#: First gap between file-lock attempts; doubles on each miss up to the poll interval.
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -165,7 +168,7 @@ class LockManager:
                 while entry.owner is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise self._locked(session_id, path, "held by another thread")
+                        raise self.locked_error(session_id, "held by another thread")
                     entry.cond.wait(remaining)
                 entry.owner = owner
                 entry.depth = 1
@@ -232,13 +235,16 @@ class LockManager:
                 # Close our descriptor now: a lingering one (kept alive by a traceback)
                 # would, when collected, drop a lock a later entry holds.
                 lock.force_close()
-                raise self._locked(session_id, path, "held by another process")
+                raise self.locked_error(session_id, "held by another process")
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, self.poll_interval)
 
-    def _locked(self, session_id: str, path: Path, why: str) -> SessionLocked:
+    def locked_error(self, session_id: str, why: str) -> SessionLocked:
+        """The error for a budget spent waiting (`why` says on whom)."""
         return SessionLocked(
-            session_id, f"lock not acquired within {self.timeout:g}s ({why})", path=path
+            session_id,
+            f"lock not acquired within {self.timeout:g}s ({why})",
+            path=self._lock_path(session_id),
         )
 
     @staticmethod

@@ -1,217 +1,93 @@
-"""FileSystemSessionStore: sessions in a shared directory, safe for many processes.
+"""The session store: the commit protocol of docs/FORMAT.md over one `Backend`.
 
-Commit protocol (DESIGN section 4), the same for every write:
+A session is a checkpoint (manifest.json: header + loop index) plus a journal of commit
+records since it. Every write is the same steps (FORMAT.md, "One append"):
 
-1. take the session lock (thread owner lock + fasteners file lock, one budget);
-2. re-read the manifest from disk under the lock (never publish stale state);
-3. write each new blob: tmp file in tmp/, fsync, rename into loops/;
-4. fsync loops/ so every blob is durable before a manifest names it;
-5. publish the manifest: tmp, fsync, os.replace, fsync the session directory,
-   with generation + 1.
+1. take the session (the lock on a filesystem; nothing on an object store, whose
+   commit is a compare-and-swap that step 4 retries);
+2. read its state: checkpoint + journal, from the per-process cache when unchanged;
+3. build one record: the ops (put a loop, set header fields, replace the index) and
+   the compressed blobs it introduces;
+4. commit it: write, fdatasync, fsync the directories if the state built on was not
+   yet known durable, append a sync mark (`SessionHandle.commit`);
+5. every few hundred records, fold the journal into a new checkpoint: materialize the
+   blobs it carries as files, write the manifest, start a new journal.
 
-Two steps may run outside the lock, which roughly halves its hold time under
-contention without weakening a guarantee: when the lock is busy, save and append_loop
-write their new blobs while they wait (steps 3-4; blobs are immutable, and gc spares
-fresh unreferenced ones), then check them again under the lock and rewrite any that is
-gone; and the final directory fsync of step 5 runs after the lock is released but
-before the call returns (a writer that builds on the not-yet-durable manifest makes it
-durable with its own commit).
+`append_loop` adds group commit: a caller that finds the lock busy hands its record to
+the holder (`loopstore.fsbackend` hand-off files), which commits the appends of every
+waiter in one record and one fdatasync, then posts each its outcome.
 
-Readers take no lock: they read the manifest, then the blobs it names, and re-read
-the manifest when a blob vanished under them (delete, gc, a replaced loop).
+Readers take no lock: they read checkpoint + journal, make an unmarked journal durable
+before trusting it, and re-read when a blob vanished under them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import os
+import secrets
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, Final
 
 import pydantic
 
-from loopstore import legacy, locking, ondisk
-from loopstore.backend import FileSystemBackend, SessionWriter
+from loopstore import _lossless, errors, faults, journal, ondisk
+from loopstore.backend import Backend, SessionHandle
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
     LoopNotFound,
     SessionError,
-    SessionLocked,
     SessionNotFound,
     UnsupportedFormat,
 )
+from loopstore.fsbackend import FileSystemBackend
+from loopstore.journal import Change, Item, SessionState
+from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
 from loopstore.models import LoopRecord, Session, SessionFormation
+from loopstore.reports import (
+    GcReport,
+    ImportReport,
+    SessionInfo,
+    StoreStats,
+    VerifyReport,
+)
 
 if TYPE_CHECKING:
     from loopstore.backup import BackupReport
 
-GC_GRACE_S = 15 * 60.0
-LOCK_TIMEOUT_S = locking.LOCK_TIMEOUT_S
-LOCK_POLL_INTERVAL_S = locking.LOCK_POLL_INTERVAL_S
-READ_RETRIES = 8
-MANIFEST_CACHE_SIZE = 256
+GC_GRACE_S: Final = 15 * 60.0
+#: gc spares unreferenced files younger than this: a reader may still be reading them.
+READ_RETRIES: Final = 8
+#: A reader re-reads the state this often when blobs keep vanishing (deletes, gc, folds).
+STATE_CACHE_SIZE: Final = 256
+#: Parsed session states kept per store (checked against the manifest tail on every use).
+FOLD_MIN_RECORDS: Final = 256
+FOLD_MIN_BYTES: Final = 4 << 20
+#: A journal is folded into a new checkpoint once it holds this many records or bytes,
+#: or (whichever is larger) as many bytes as the checkpoint: folding costs O(loops), so
+#: spacing folds by the checkpoint's size keeps an append's cost flat at any size.
+HANDOFF_FIRST_POLL_S: Final = 0.0002
+HANDOFF_MAX_POLL_S: Final = 0.002
+#: A waiting append checks for its outcome (and the lock) first after 0.2 ms, backing off
+#: to every 2 ms: a holder's round takes about a millisecond.
+HANDOFF_BATCH_BYTES: Final = 8 << 20
+#: A holder claims waiting appends up to about this many bytes per record.
+HANDOFF_STALE_S: Final = 3600.0
+#: Hand-off files this old belong to a killed waiter (a live one waits lock_timeout at
+#: most before it withdraws): verify lists them and gc removes them, whatever the grace.
 
 ProgressFn = Callable[[int, int], None]
-T = TypeVar("T")
-
-PROBLEM_KINDS = ("missing_blob", "hash_mismatch", "undecodable", "bad_manifest")
 
 
-# --------------------------------------------------------------------------- reports
-
-
-@dataclass(frozen=True)
-class Problem:
-    """Damage found by verify: kind is missing_blob, hash_mismatch, undecodable, bad_manifest."""
-
-    session_id: str
-    path: Path
-    kind: str
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Orphan:
-    """Harmless leftovers: orphan_blob, stray_file, stale_tmp, incomplete_session."""
-
-    session_id: str | None
-    path: Path
-    kind: str
-    size: int = 0
-    age_s: float = 0.0
-
-
-@dataclass
-class VerifyReport:
-    problems: list[Problem] = field(default_factory=list)
-    orphans: list[Orphan] = field(default_factory=list)
-    sessions_checked: int = 0
-    blobs_checked: int = 0
-
-    @property
-    def ok(self) -> bool:
-        """False only for damage; orphans never make a store unhealthy."""
-        return not self.problems
-
-
-@dataclass
-class GcReport:
-    sessions_scanned: int = 0
-    blobs_removed: int = 0
-    bytes_freed: int = 0
-    tmp_removed: int = 0
-    dirs_removed: int = 0
-    sessions_skipped: int = 0
-
-
-@dataclass(frozen=True)
-class ImportFailure:
-    path: Path
-    reason: str
-
-
-@dataclass
-class ImportReport:
-    imported: list[str] = field(default_factory=list)
-    updated: list[str] = field(default_factory=list)
-    unchanged: list[str] = field(default_factory=list)
-    failed: list[ImportFailure] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-    @property
-    def total(self) -> int:
-        return len(self.imported) + len(self.updated) + len(self.unchanged) + len(self.failed)
-
-
-@dataclass
-class StoreStats:
-    """Store-wide counts; `damaged` sessions (unreadable manifest) are not in the others."""
-
-    sessions: int = 0
-    loops: int = 0
-    blobs: int = 0
-    raw_bytes: int = 0
-    stored_bytes: int = 0
-    orphans: int = 0
-    disk_bytes: int = 0
-    damaged: int = 0
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What a manifest says about a session, without decoding any loop."""
-
-    session_id: str
-    agent_id: str | None
-    created_at: str | None
-    last_active_at: str | None
-    generation: int
-    committed_at_ns: int
-    loop_count: int
-    raw_bytes: int
-    stored_bytes: int
-    loops: tuple[ondisk.LoopEntry, ...]
-    header: Mapping[str, Any]
-
-    @classmethod
-    def from_manifest(cls, m: ondisk.Manifest) -> SessionInfo:
-        created = m.header.get("created_at")
-        unique = {e.blob: e for e in m.loops}
-        return cls(
-            session_id=m.session_id,
-            agent_id=m.agent_id,
-            created_at=created if isinstance(created, str) else None,
-            last_active_at=m.last_active_at,
-            generation=m.generation,
-            committed_at_ns=m.committed_at_ns,
-            loop_count=len(m.loops),
-            raw_bytes=sum(e.raw_size for e in unique.values()),
-            stored_bytes=sum(e.stored_size for e in unique.values()),
-            loops=m.loops,
-            header=m.header,
-        )
-
-
-@dataclass
-class _Dumped:
-    """A loop serialized once: its JSON, hash and (lazily) its compressed blob."""
-
-    loop_id: str
-    raw: bytes
-    digest: str
-    status: str | None
-    started_at: str | None
-    ended_at: str | None
-    parent_loop_id: str | None
-    blob: ondisk.EncodedBlob | None = None
-
-    def encoded(self, level: int) -> ondisk.EncodedBlob:
-        if self.blob is None:
-            self.blob = ondisk.encode_blob(self.raw, level)
-        return self.blob
-
-    def entry(self, level: int) -> ondisk.LoopEntry:
-        blob = self.encoded(level)
-        return ondisk.LoopEntry(
-            self.loop_id,
-            self.digest,
-            blob.raw_size,
-            blob.stored_size,
-            self.status,
-            self.started_at,
-            self.ended_at,
-            self.parent_loop_id,
-        )
+# --------------------------------------------------------------------------- helpers
 
 
 def _first_loop_header(session_id: str, loop: LoopRecord) -> dict[str, Any]:
@@ -225,6 +101,31 @@ def _first_loop_header(session_id: str, loop: LoopRecord) -> dict[str, Any]:
         parent_spawn_ref=None,
         loops=[],
     ).header()
+
+
+@dataclass(frozen=True)
+class _Dumped:
+    """A loop serialized once: its index entry (sizes filled once compressed) and bytes."""
+
+    loop_id: str
+    raw: bytes
+    digest: str
+    status: str | None
+    started_at: str | None
+    ended_at: str | None
+    parent_loop_id: str | None
+
+    def entry(self, stored_size: int) -> ondisk.LoopEntry:
+        return ondisk.LoopEntry(
+            self.loop_id,
+            self.digest,
+            len(self.raw),
+            stored_size,
+            self.status,
+            self.started_at,
+            self.ended_at,
+            self.parent_loop_id,
+        )
 
 
 def _dump_loop(loop: LoopRecord) -> _Dumped:
@@ -249,251 +150,573 @@ def _later(a: str | None, b: str | None) -> bool:
     return na is not None and nb is not None and nb > na
 
 
-def _recency_key(m: ondisk.Manifest) -> tuple[int, int]:
-    active = ondisk.timestamp_ns(m.last_active_at)
-    return (active if active is not None else -(2**63), m.committed_at_ns)
+def _token() -> str:
+    """A commit id: time-ordered (hand-off queues serve oldest first), unique."""
+    return f"{time.time_ns():020d}.{os.getpid()}.{threading.get_ident():x}.{secrets.token_hex(4)}"
+
+
+def first_error(exc: pydantic.ValidationError) -> str:
+    """The first validation error, located (`loops.0.usage.input: ...`)."""
+    errs = exc.errors()
+    if not errs:
+        return str(exc)
+    first = errs[0]
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+    return f"{where}: {first.get('msg', '')}{more}"
+
+
+def decode_loops(raws: Sequence[bytes]) -> list[LoopRecord]:
+    """LoopRecords from blobs this store wrote (hash-verified): strict validation first.
+
+    Our own canonical JSON validates strictly, which skips pydantic's lax coercions
+    (about a third of the cost); anything else falls back to the lax path. One pause of
+    the cyclic GC covers the whole batch.
+    """
+    validate = LoopRecord.__pydantic_validator__.validate_json
+    out: list[LoopRecord] = []
+    with _lossless.gc_paused():
+        for raw in raws:
+            try:
+                out.append(validate(raw, strict=True))
+            except pydantic.ValidationError:
+                out.append(validate(raw))
+    return out
+
+
+def _encode_error(err: SessionError) -> bytes:
+    return json.dumps(
+        {"type": type(err).__name__, "cause": err.cause, "path": str(err.path or "")}
+    ).encode()
+
+
+def _decode_error(session_id: str, data: bytes) -> SessionError:
+    try:
+        doc = json.loads(data)
+        cls = getattr(errors, doc["type"], errors.StorageError)
+        if not (isinstance(cls, type) and issubclass(cls, SessionError)):
+            cls = errors.StorageError
+        err: SessionError = cls(session_id, str(doc["cause"]), path=doc.get("path") or None)
+        return err
+    except (ValueError, KeyError, TypeError):
+        return errors.StorageError(session_id, "the group-commit holder failed")
+
+
+@dataclass(frozen=True)
+class StateRead:
+    """A session state as read, and where its journal stands.
+
+    `cursor` is the end of the journal's good frames (where the next record goes),
+    `sealed` whether the journal ends in a sync mark (everything read is durable),
+    `tail` the manifest id the state was built from, `torn` the bytes after the good
+    frames when last read (a torn tail, cut by the next writer).
+    """
+
+    state: SessionState
+    cursor: int
+    sealed: bool
+    tail: bytes
+    torn: int = 0
 
 
 # --------------------------------------------------------------------------- store
 
 
-class FileSystemSessionStore:
-    """Sessions as content-addressed loop blobs plus a small manifest per session."""
+class SessionStore:
+    """Sessions as checkpoints + journals + content-addressed blobs, over a Backend."""
 
     def __init__(
-        self,
-        root: str | os.PathLike[str],
-        *,
-        lock_timeout: float = LOCK_TIMEOUT_S,
-        lock_poll_interval: float = LOCK_POLL_INTERVAL_S,
-        durable: bool = True,
-        compression_level: int = ondisk.DEFAULT_COMPRESSION_LEVEL,
+        self, backend: Backend, *, compression_level: int, options: dict[str, Any]
     ) -> None:
         if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
             raise ValueError("compression_level must be an int in -7..22")
-        if lock_timeout < 0:
-            raise ValueError("lock_timeout must be >= 0")
-        if lock_poll_interval <= 0:
-            raise ValueError("lock_poll_interval must be > 0")
-        self._options: dict[str, Any] = {
-            "lock_timeout": lock_timeout,
-            "lock_poll_interval": lock_poll_interval,
-            "durable": durable,
-            "compression_level": compression_level,
-        }
-        self._backend = FileSystemBackend(root, durable=durable)
-        self._layout = self._backend.layout
-        self.durable = durable
+        self._backend = backend
+        self._options = options
         self.compression_level = compression_level
-        self._locks = locking.LockManager(
-            self._layout.root,
-            self._layout.lock,
-            timeout=lock_timeout,
-            poll_interval=lock_poll_interval,
-        )
-        self._cache: OrderedDict[str, ondisk.Manifest] = OrderedDict()
+        self.durable = backend.durable
+        self._cache: OrderedDict[str, StateRead] = OrderedDict()
 
     # -- plumbing ------------------------------------------------------------------
 
     @property
-    def root(self) -> Path:
-        return self._layout.root
+    def backend(self) -> Backend:
+        return self._backend
 
     @property
-    def layout(self) -> ondisk.Layout:
-        return self._layout
+    def location(self) -> str:
+        return self._backend.location
 
     @property
     def lock_timeout(self) -> float:
-        return self._locks.timeout
+        return self._backend.locks.timeout
 
     @property
     def lock_poll_interval(self) -> float:
-        return self._locks.poll_interval
+        return self._backend.locks.poll_interval
 
     def __repr__(self) -> str:
-        return f"FileSystemSessionStore({str(self.root)!r})"
+        return f"{type(self).__name__}({self.location!r})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (type(self), str(self.root), dict(self._options)))
+        return (_reopen, (type(self), self.location, dict(self._options)))
 
     def close(self) -> None:
         self._backend.close()
 
-    def __enter__(self) -> FileSystemSessionStore:
+    def __enter__(self) -> SessionStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # The manifest cache has no lock (a lock held across fork would deadlock the
-    # child); single dict operations are atomic under the GIL and a lost entry only
-    # costs a re-parse. Entries are immutable and keyed by their checksum.
+    def _path(self, session_id: str, name: str | None = None) -> PurePath | str:
+        """Where a session (or a file of it) lives, for error messages."""
+        base = self._backend.location.rstrip("/") + f"/{ondisk.SESSIONS_DIR}/{session_id}"
+        text = base if name is None else f"{base}/{name}"
+        return text if "://" in text else Path(text)
 
-    def _cache_get(self, session_id: str, checksum: str) -> ondisk.Manifest | None:
-        m = self._cache.get(session_id)
-        return m if m is not None and m.checksum == checksum else None
+    # The state cache has no lock (a lock held across fork would deadlock the child);
+    # single dict operations are atomic under the GIL, and entries are immutable.
 
-    def _cache_put(self, m: ondisk.Manifest) -> None:
+    def _cache_put(self, session_id: str, r: StateRead) -> None:
         cache = self._cache
-        cache.pop(m.session_id, None)
-        cache[m.session_id] = m
-        while len(cache) > MANIFEST_CACHE_SIZE:
+        cache.pop(session_id, None)
+        cache[session_id] = r
+        while len(cache) > STATE_CACHE_SIZE:
             try:
                 cache.popitem(last=False)
             except KeyError:
                 break
 
-    def _cache_drop(self, session_id: str) -> None:
-        self._cache.pop(session_id, None)
-
     def _parse_manifest(self, session_id: str, data: bytes) -> ondisk.Manifest:
-        """Decode manifest bytes; a copy identical to a cached one is not re-parsed."""
         try:
-            checksum = ondisk.manifest_checksum(data, session_id=session_id, path=None)
-            cached = self._cache_get(session_id, checksum)
-            if cached is not None:
-                return cached
-            m = ondisk.decode_manifest(
-                data,
-                session_id=session_id,
-                path=None,
-                checksum=checksum,
-                previous=self._cache.get(session_id),
-            )
+            return ondisk.decode_manifest(data, session_id=session_id, path=None)
         except (CorruptSession, UnsupportedFormat) as exc:
-            # Paths are built only for errors: the happy path builds none.
-            raise type(exc)(session_id, exc.cause, path=self._layout.manifest(session_id)) from None
-        self._cache_put(m)
-        return m
+            raise type(exc)(
+                session_id, exc.cause, path=self._path(session_id, ondisk.MANIFEST_NAME)
+            ) from None
 
-    def _read_manifest(self, session_id: str) -> ondisk.Manifest | None:
-        data = self._backend.read_manifest(session_id)
-        return None if data is None else self._parse_manifest(session_id, data)
+    # -- reading state -----------------------------------------------------------------
 
-    def _need_manifest(self, session_id: str) -> ondisk.Manifest:
-        m = self._read_manifest(session_id)
-        if m is None:
-            raise SessionNotFound(session_id, path=self._layout.session_dir(session_id))
-        return m
+    def read_state(self, h: SessionHandle, *, fresh: bool = False) -> StateRead | None:
+        """The session's state: checkpoint + journal (a cached parse reused when current;
+        `fresh` parses everything again, as verify does).
 
-    # -- commit --------------------------------------------------------------------
-
-    def _stage(self, session_id: str, blobs: Sequence[ondisk.EncodedBlob]) -> frozenset[str]:
-        """Write new blobs (tmp, fsync, rename into loops/, fsync loops/) without the lock.
-
-        Blobs are immutable and content-addressed, and gc spares unreferenced blobs
-        younger than its grace period, so writing them needs no lock; the holder then
-        has only the manifest to do. Under the lock every staged blob is checked again
-        (a delete or an eager gc may have removed it) and rewritten if it is gone.
+        None if the session has no manifest. A missing journal is the old one rotated
+        away by a fold (read again), or, when the manifest stays the same, a crash that
+        kept the checkpoint's rename but not its empty journal's creation.
         """
-        unique = {b.digest: b for b in blobs}
-        if not unique:
-            return frozenset()
-        with self._backend.writer(session_id) as w:
-            for blob in unique.values():
-                w.put_blob(blob)
-            w.sync_blobs()
-        return frozenset(unique)
+        sid = h.session_id
+        for _attempt in range(READ_RETRIES):
+            tail = h.manifest_id()
+            if tail is None:
+                return None
+            cached = None if fresh else self._cache.get(sid)
+            if cached is not None and cached.tail == tail:
+                state, cursor, sealed = cached.state, cached.cursor, cached.sealed
+            else:
+                got = h.manifest()
+                if got is None:
+                    return None
+                data, tail = got
+                m = self._parse_manifest(sid, data)
+                state, cursor, sealed = SessionState.from_manifest(m, len(data)), 0, False
+            read = h.read_frames(state.checkpoint_generation, cursor)
+            if read is None and state.checkpoint_version >= 2 and h.manifest_id() != tail:
+                continue  # folded meanwhile: read the new checkpoint
+            if read is not None and read.frames:
+                try:
+                    state = state.replay(read.frames)
+                except journal.JournalError as exc:
+                    path = self._path(sid, ondisk.journal_filename(state.checkpoint_generation))
+                    raise CorruptSession(sid, f"bad journal: {exc}", path=path) from None
+                sealed = read.frames[-1].kind == journal.KIND_MARK
+            if read is None:
+                r = StateRead(state, 0, sealed, tail)
+            else:
+                r = StateRead(state, read.end, sealed, tail, read.size - read.end)
+            self._cache_put(sid, r)
+            return r
+        raise CorruptSession(
+            sid,
+            f"session kept changing; gave up after {READ_RETRIES} reads",
+            path=self._path(sid, ondisk.MANIFEST_NAME),
+        )
+
+    def _read_durable(self, h: SessionHandle) -> StateRead | None:
+        """`_read`, made durable first if no sync mark vouches for it (a call returns
+        only durable state, whoever wrote it)."""
+        r = self.read_state(h)
+        if r is None or r.sealed:
+            return r
+        h.make_durable(r.state.checkpoint_generation)
+        r = replace(r, sealed=True)
+        self._cache_put(h.session_id, r)
+        return r
+
+    def _raws(
+        self, h: SessionHandle, r: StateRead, entries: Sequence[ondisk.LoopEntry]
+    ) -> list[bytes] | ondisk.LoopEntry:
+        """The verified JSON of each entry's blob, or the entry whose blob vanished."""
+        state = r.state
+        sid = h.session_id
+        gen = state.checkpoint_generation
+        raws: dict[str, bytes] = {}
+        out: list[bytes] = []
+        for e in entries:
+            raw = raws.get(e.blob)
+            if raw is None:
+                span = state.journal_blobs.get(e.blob)
+                try:
+                    data = h.payload(gen, span) if span is not None else h.blob(e.blob)
+                except FileNotFoundError:
+                    return e
+                try:
+                    raw = ondisk.decode_blob(
+                        data, e.blob, session_id=sid, path=None, expected_raw_size=e.raw_size
+                    )
+                except ondisk.DamagedBlob as exc:
+                    where = (
+                        ondisk.journal_filename(gen)
+                        if span
+                        else f"{ondisk.LOOPS_DIR}/{ondisk.blob_filename(e.blob)}"
+                    )
+                    raise ondisk.DamagedBlob(
+                        sid, exc.cause, path=self._path(sid, where), kind=exc.kind
+                    ) from None
+                raws[e.blob] = raw
+            out.append(raw)
+        return out
+
+    def _snapshot(
+        self,
+        session_id: str,
+        pick: Callable[[SessionState], Sequence[ondisk.LoopEntry]],
+        *,
+        h: SessionHandle | None = None,
+    ) -> tuple[StateRead, list[bytes]]:
+        """A durable state and the verified blobs `pick` chooses from it, consistently."""
+        last: SessionState | None = None
+        for _attempt in range(READ_RETRIES):
+            with contextlib.ExitStack() as stack:
+                handle = h or stack.enter_context(self._backend.session(session_id))
+                r = self._read_durable(handle) if handle is not None else None
+                if handle is None or r is None:
+                    raise SessionNotFound(session_id, path=self._path(session_id))
+                raws = self._raws(handle, r, pick(r.state))
+                if not isinstance(raws, ondisk.LoopEntry):
+                    return r, raws
+                missing = raws
+                if last is not None and last.generation == r.state.generation:
+                    raise CorruptSession(
+                        session_id,
+                        f"missing blob for loop {missing.loop_id!r}",
+                        path=self._path(
+                            session_id, f"{ondisk.LOOPS_DIR}/{ondisk.blob_filename(missing.blob)}"
+                        ),
+                    )
+                last = r.state
+                self._cache.pop(session_id, None)
+        raise CorruptSession(
+            session_id,
+            f"session kept changing; gave up after {READ_RETRIES} reads",
+            path=self._path(session_id, ondisk.MANIFEST_NAME),
+        )
+
+    def _session_from(self, state: SessionState, raws: Sequence[bytes]) -> Session:
+        try:
+            session = Session.model_validate_json(
+                state.header_json[:-1] + b',"loops":[]}'
+                if state.header_json != b"{}"
+                else b'{"loops":[]}'
+            )
+        except pydantic.ValidationError as exc:
+            raise CorruptSession(
+                state.session_id,
+                f"undecodable session header: {first_error(exc)}",
+                path=self._path(state.session_id, ondisk.MANIFEST_NAME),
+            ) from None
+        try:
+            session.loops = decode_loops(raws)
+        except pydantic.ValidationError as exc:
+            raise CorruptSession(
+                state.session_id,
+                f"undecodable loop: {first_error(exc)}",
+                path=self._path(state.session_id),
+            ) from None
+        return session
+
+    # -- the write path --------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _locked_writer(
-        self,
-        session_id: str,
-        stage: Callable[[], frozenset[str]] | None = None,
-    ) -> Iterator[tuple[SessionWriter, frozenset[str]]]:
-        """The session lock, and a commit handle opened under it.
-
-        If the lock is busy, `stage` (writing the new blobs) runs while we wait for it,
-        so the holder-to-be has only the manifest left to do; its result (the staged
-        digests) is yielded with the handle. The wait still ends no sooner than
-        lock_timeout after the first attempt.
-
-        The commit's last step (fsync of the session directory) runs after the lock
-        is released: the call still returns only once the commit is durable, but the
-        next writer does not wait for that fsync. A writer that builds on a manifest
-        not yet durable makes it durable with its own commit.
-        """
-        locks = self._locks
-        deadline = time.monotonic() + locks.timeout
-        staged: frozenset[str] = frozenset()
+    def _held(self, session_id: str) -> Iterator[None]:
+        """The session lock (waiting up to lock_timeout), timed for the observation hook."""
+        t0 = time.monotonic()
+        owner = self._backend.locks.acquire(session_id)
+        faults.note_lock_wait(session_id, time.monotonic() - t0)
         try:
-            owner = locks.acquire(session_id, deadline=time.monotonic())  # one attempt
-        except SessionLocked:
-            if locks.timeout <= 0:
-                raise  # lock_timeout=0: that was the one try
-            if stage is not None:
-                try:
-                    staged = stage()
-                except SessionError:
-                    # Staging is only a head start (e.g. the session was deleted under
-                    # us): under the lock every blob is written again and errors count.
-                    staged = frozenset()
-            owner = locks.acquire(session_id, deadline=deadline)
-        with contextlib.ExitStack() as stack:
-            try:
-                w = stack.enter_context(self._backend.writer(session_id))
-                yield w, staged
-            finally:
-                locks.release(session_id, owner)
-            w.finish()
+            yield
+        finally:
+            self._backend.locks.release(session_id, owner)
 
-    def _current(self, session_id: str, w: SessionWriter) -> ondisk.Manifest | None:
-        data = w.manifest()
-        return None if data is None else self._parse_manifest(session_id, data)
+    def _read_for_write(self, h: SessionHandle | None) -> StateRead | None:
+        """The state a writer builds on; a v1 checkpoint is upgraded to v2 first."""
+        if h is None:
+            return None
+        r = self.read_state(h)
+        if r is not None and r.state.checkpoint_version < ondisk.FORMAT_VERSION:
+            r = self._fold(h, r)
+        return r
 
     def _commit(
-        self,
-        w: SessionWriter,
-        session_id: str,
-        current: ondisk.Manifest | None,
-        header: Mapping[str, Any],
-        entries: tuple[ondisk.LoopEntry, ...],
-        blobs: Sequence[ondisk.EncodedBlob],
-        staged: frozenset[str] = frozenset(),
-    ) -> ondisk.Manifest:
-        """Steps 3-5 of the protocol; the caller holds the lock and read `current` under it."""
-        generation = (current.generation if current is not None else 0) + 1
-        data, manifest = ondisk.encode_manifest(
-            session_id, generation, time.time_ns(), header, entries
-        )
-        for blob in blobs:
-            w.put_blob(blob, staged=blob.digest in staged)  # tmp in tmp/, fsync, rename
-        w.sync_blobs()  # fsync loops/: blobs durable before the manifest names them
-        w.replace_manifest(  # tmp, fsync, os.replace (then w.finish(): fsync session dir)
-            data, expected_generation=current.generation if current is not None else None
-        )
-        self._cache_put(manifest)
-        return manifest
+        self, session_id: str, h: SessionHandle | None, r: StateRead | None, change: Change
+    ) -> StateRead:
+        """Write `change` as one record (step 4) and return the state after it.
 
-    def _plan(
-        self, dumped: Sequence[_Dumped], current: ondisk.Manifest | None
-    ) -> tuple[tuple[ondisk.LoopEntry, ...], list[ondisk.EncodedBlob]]:
-        """Index entries for `dumped`; blobs the current manifest already names are reused."""
-        known = {e.blob: e for e in current.loops} if current is not None else {}
-        entries: list[ondisk.LoopEntry] = []
-        blobs: dict[str, ondisk.EncodedBlob] = {}
-        level = self.compression_level
-        for d in dumped:
-            old = known.get(d.digest)
-            if old is not None and old.loop_id == d.loop_id:
-                entries.append(old)
-                continue
-            entries.append(d.entry(level))
-            blobs.setdefault(d.digest, d.encoded(level))
-        return tuple(entries), list(blobs.values())
+        The caller holds the session. A new session is published whole by
+        `Backend.create` (its directory, or its objects, appear at once).
+        """
+        at_ns = time.time_ns()
+        if r is None:
+            base = change.base
+            frame = journal.record_bytes(base, change, at_ns)
+            manifest, _m = ondisk.encode_manifest(session_id, 0, at_ns, base.header, ())
+            self._backend.create(session_id, manifest, frame)
+            self._cache.pop(session_id, None)  # the next read parses the new checkpoint
+            return StateRead(base.replay(journal.scan(frame, 0)[0]), len(frame), True, b"")
+        assert h is not None
+        frame = journal.record_bytes(r.state, change, at_ns)
+        locator, cursor = h.commit(
+            r.state.checkpoint_generation, r.cursor, frame, seal_dirs=not r.sealed
+        )
+        new = StateRead(r.state.replay(journal.scan(frame, locator)[0]), cursor, True, r.tail)
+        self._cache_put(session_id, new)
+        return new
+
+    def _settle(self, h: SessionHandle | None, r: StateRead | None) -> None:
+        """Nothing to write: still vouch only for durable state."""
+        if h is not None and r is not None and not r.sealed:
+            h.make_durable(r.state.checkpoint_generation)
+            self._cache_put(h.session_id, replace(r, sealed=True))
+
+    def _maybe_fold(self, session_id: str, r: StateRead) -> None:
+        """Fold the journal once it is long enough (step 5; the caller holds the session)."""
+        s = r.state
+        if s.records < FOLD_MIN_RECORDS and s.journal_bytes < max(
+            FOLD_MIN_BYTES, s.checkpoint_bytes
+        ):
+            return
+        with self._backend.session(session_id) as h:
+            if h is not None:
+                self._fold(h, r)
+
+    def _fold(self, h: SessionHandle, r: StateRead) -> StateRead:
+        """Step 5: materialize journal-held blobs, write the checkpoint, start a journal."""
+        s = r.state
+        sid = h.session_id
+        gen = s.checkpoint_generation
+        needed = {e.blob for e in s.entries if e.blob in s.journal_blobs}
+        blobs = [
+            ondisk.EncodedBlob(d, s.journal_blobs[d].raw_size, h.payload(gen, s.journal_blobs[d]))
+            for d in sorted(needed)
+        ]
+        h.materialize(blobs)
+        data, m = ondisk.encode_manifest(sid, s.generation, s.committed_at_ns, s.header, s.entries)
+        tail, cursor = h.checkpoint(data, gen, s.generation)
+        new = StateRead(SessionState.from_manifest(m, len(data)), cursor, True, tail)
+        self._cache_put(sid, new)
+        return new
+
+    # -- append_loop and group commit ----------------------------------------------------------
+
+    def append_loop(
+        self, session_id: str, loop: LoopRecord, *, session: Session | None = None
+    ) -> None:
+        """Add `loop` at the end, or replace the loop with the same loop_id in place.
+
+        Costs one record in the journal whatever the session's size. `session` gives the
+        header when the session does not exist yet; without it a new session gets the
+        header phi-core's recorder would write for a first loop (agent and times of
+        `loop`, formation FirstLoop). Like phi-core's recorder, a new loop that started
+        later than the header's `last_active_at` moves it on.
+        """
+        session_id = ondisk.validate_session_id(session_id)
+        if not isinstance(loop, LoopRecord):
+            loop = LoopRecord.model_validate(loop)
+        if loop.session_id != session_id:
+            raise InvalidSessionId(
+                session_id,
+                f"loop {loop.loop_id!r} belongs to session {loop.session_id!r}, not {session_id!r}",
+            )
+        # session= gives the header of a new session only (checked when it is used).
+        new_header = (
+            session.header() if session is not None else _first_loop_header(session_id, loop)
+        )
+        d = _dump_loop(loop)
+        blob = ondisk.encode_blob(d.raw, self.compression_level)
+        item = Item(_token(), d.entry(blob.stored_size), blob, new_header)
+        locks = self._backend.locks
+        t0 = time.monotonic()
+        owner = locks.try_acquire(session_id)
+        own: Item | None = item
+        if owner is None and locks.timeout <= 0:
+            owner = locks.acquire(session_id)  # lock_timeout=0 means one try: SessionLocked
+        if owner is None:
+            handed = self._hand_off(session_id, item, t0 + locks.timeout)
+            if handed is None:
+                faults.note_lock_wait(session_id, time.monotonic() - t0)
+                return
+            owner, own = handed
+        faults.note_lock_wait(session_id, time.monotonic() - t0)
+        try:
+            self._serve(session_id, own)
+        finally:
+            locks.release(session_id, owner)
+        if own is None:
+            self._await_outcome(session_id, item)
+
+    def _hand_off(
+        self, session_id: str, item: Item, deadline: float
+    ) -> tuple[object, Item | None] | None:
+        """Wait for the lock with our append handed to whoever holds it.
+
+        Returns None once a holder committed it (raising the holder's error if it
+        failed), or the lock and the item still to commit (None: our item is a claim a
+        dead holder left; serving the queue resolves it). At the deadline an unclaimed
+        item is withdrawn and SessionLocked raised: the unlink decides atomically.
+        """
+        b = self._backend
+        locks = b.locks
+        b.deposit(session_id, item.token, item.encode())
+        delay = HANDOFF_FIRST_POLL_S
+        while True:
+            outcome = b.take_outcome(session_id, item.token)
+            if outcome is not None:
+                self._raise_outcome(session_id, outcome)
+                return None
+            owner = locks.try_acquire(session_id)
+            if owner is not None:
+                if b.withdraw(session_id, item.token):
+                    return owner, item
+                outcome = b.take_outcome(session_id, item.token)
+                if outcome is not None:
+                    locks.release(session_id, owner)
+                    self._raise_outcome(session_id, outcome)
+                    return None
+                return owner, None
+            if time.monotonic() >= deadline and b.withdraw(session_id, item.token):
+                raise locks.locked_error(session_id, "held by another writer")
+            time.sleep(delay)
+            delay = min(delay * 2, HANDOFF_MAX_POLL_S)
+
+    def _await_outcome(self, session_id: str, item: Item) -> None:
+        """After serving the queue as holder: our orphaned claim's outcome, or commit it."""
+        outcome = self._backend.take_outcome(session_id, item.token)
+        if outcome is not None:
+            self._raise_outcome(session_id, outcome)
+            return
+        # The claim file was unreadable and dropped: the append was never committed.
+        with self._held(session_id):
+            self._serve(session_id, item)
 
     @staticmethod
-    def _unchanged(
-        current: ondisk.Manifest | None,
-        header: Mapping[str, Any],
-        entries: tuple[ondisk.LoopEntry, ...],
-    ) -> bool:
-        return (
-            current is not None
-            and dict(current.header) == dict(header)
-            and tuple(e.blob for e in current.loops) == tuple(e.blob for e in entries)
-        )
+    def _raise_outcome(session_id: str, outcome: bytes) -> None:
+        if outcome:
+            raise _decode_error(session_id, outcome)
+
+    def _serve(self, session_id: str, own: Item | None) -> None:
+        """The holder's round: resolve dead holders' claims, claim waiting appends,
+        commit them with our own as one record, post every outcome, maybe fold."""
+        b = self._backend
+        with b.session(session_id) as h:
+            r = self._read_for_write(h)
+            known = r.state.commit_ids if r is not None else frozenset()
+            done: list[str] = []
+            for data in b.orphaned_claims(session_id):
+                orphan = Item.decode(data)
+                if orphan is None:
+                    continue
+                if orphan.token in known:
+                    done.append(orphan.token)
+                else:
+                    b.requeue(session_id, orphan.token)
+            claimed = [
+                it
+                for it in map(Item.decode, b.claim(session_id, HANDOFF_BATCH_BYTES))
+                if it is not None
+            ]
+            items = ([own] if own is not None else []) + claimed
+            refused: dict[str, SessionError] = {}
+            if r is None:
+                # The first item whose session= header names this session creates it; a
+                # header for another session before it is refused (later ones are ignored).
+                for it in items:
+                    named = (it.new_header or {}).get("session_id")
+                    if named == session_id:
+                        break
+                    refused[it.token] = InvalidSessionId(
+                        session_id, f"session= describes session {named!r}"
+                    )
+                items = [it for it in items if it.token not in refused]
+            try:
+                if items:
+                    r = self._commit_items(session_id, h, r, items)
+                else:
+                    self._settle(h, r)
+            except SessionError as exc:
+                for it in claimed:
+                    b.post_outcome(session_id, it.token, _encode_error(refused.get(it.token, exc)))
+                for token in done:
+                    b.post_outcome(session_id, token, b"")
+                raise
+            for token in done:
+                b.post_outcome(session_id, token, b"")
+            for it in claimed:
+                err = refused.get(it.token)
+                b.post_outcome(session_id, it.token, _encode_error(err) if err else b"")
+        if own is not None and own.token in refused:
+            raise refused[own.token]
+        if r is not None:
+            self._maybe_fold(session_id, r)
+
+    def _commit_items(
+        self, session_id: str, h: SessionHandle | None, r: StateRead | None, items: Sequence[Item]
+    ) -> StateRead:
+        header = items[0].new_header or {}
+        base = r.state if r is not None else SessionState.new(session_id, header)
+        change = Change(base)
+        for it in items:
+            change.ids.append(it.token)
+            is_new = change.state.position(it.entry.loop_id) is None
+            if (
+                change.put(it.entry, it.blob)
+                and is_new
+                and _later(change.state.last_active_at, it.entry.started_at)
+            ):
+                change.set_fields({"last_active_at": it.entry.started_at})
+        if change.empty and r is not None:
+            self._settle(h, r)
+            return r
+        return self._commit(session_id, h, r, change)
+
+    # -- save / update / delete ------------------------------------------------------------
+
+    def _plan_loops(
+        self, dumped: Sequence[_Dumped], state: SessionState | None
+    ) -> tuple[list[ondisk.LoopEntry], dict[str, ondisk.EncodedBlob]]:
+        """Index entries for `dumped`; a blob `state` already stores is not compressed again."""
+        known = {e.blob: e for e in state.entries} if state is not None else {}
+        entries: list[ondisk.LoopEntry] = []
+        blobs: dict[str, ondisk.EncodedBlob] = {}
+        for d in dumped:
+            old = known.get(d.digest)
+            if old is not None:
+                entries.append(d.entry(old.stored_size))
+                continue
+            blob = blobs.get(d.digest) or ondisk.encode_blob(d.raw, self.compression_level)
+            blobs[d.digest] = blob
+            entries.append(d.entry(blob.stored_size))
+        return entries, blobs
 
     def _save(self, session: Session) -> str:
         """save() that says what happened: 'created', 'updated' or 'unchanged'."""
@@ -502,118 +725,78 @@ class FileSystemSessionStore:
         session_id = ondisk.validate_session_id(session.session_id)
         header = session.header()
         dumped = [_dump_loop(lp) for lp in session.loops]
-        # Compress what is probably new before taking the lock (a guess; the plan
-        # under the lock is what counts).
-        try:
-            guess = self._read_manifest(session_id)
-        except SessionError:
-            guess = None
-        known = guess.blobs if guess is not None else frozenset()
-        level = self.compression_level
-        new_blobs = [d.encoded(level) for d in dumped if d.digest not in known]
-        with self._locked_writer(session_id, lambda: self._stage(session_id, new_blobs)) as (
-            w,
-            staged,
-        ):
-            current = self._current(session_id, w)
-            entries, blobs = self._plan(dumped, current)
-            repaired = self._repair_plan(w, dumped, entries, blobs)
-            if repaired is None and self._unchanged(current, header, entries):
+        for d in dumped:
+            if ondisk.digest(d.raw) != d.digest:  # pragma: no cover - defensive
+                raise CorruptSession(session_id, "loop changed while saving")
+        # Compress outside the lock what is probably new (a guess; the plan under the lock counts).
+        with self._backend.session(session_id) as h:
+            try:
+                guess = self.read_state(h) if h is not None else None
+            except SessionError:
+                guess = None
+        _entries, precompressed = self._plan_loops(dumped, guess.state if guess else None)
+        with self._held(session_id), self._backend.session(session_id) as h:
+            r = self._read_for_write(h)
+            entries, blobs = self._plan_loops(dumped, r.state if r else None)
+            for digest, blob in precompressed.items():
+                blobs.setdefault(digest, blob)
+            if r is None:
+                change = Change(SessionState.new(session_id, header))
+                change.set_loops(entries, blobs)
+                r = self._commit(session_id, h, None, change)
+                self._maybe_fold(session_id, r)
+                return "created"
+            change = Change(r.state)
+            change.set_header(header)
+            repair = self._damaged_blobs(h, r, entries)
+            for e in entries:
+                if e.blob in repair and e.blob not in blobs:
+                    d = next(x for x in dumped if x.digest == e.blob)
+                    blobs[e.blob] = ondisk.encode_blob(d.raw, self.compression_level)
+            change.set_loops(entries, blobs, repair=repair)
+            if change.empty:
+                self._settle(h, r)
                 return "unchanged"
-            if repaired is not None:
-                entries, blobs = repaired
-            self._commit(w, session_id, current, header, entries, blobs, staged)
-        return "created" if current is None else "updated"
+            r = self._commit(session_id, h, r, change)
+        self._maybe_fold(session_id, r)
+        return "updated"
 
-    def _repair_plan(
-        self,
-        w: SessionWriter,
-        dumped: Sequence[_Dumped],
-        entries: tuple[ondisk.LoopEntry, ...],
-        blobs: Sequence[ondisk.EncodedBlob],
-    ) -> tuple[tuple[ondisk.LoopEntry, ...], list[ondisk.EncodedBlob]] | None:
-        """save() replaces the stored session: a reused blob that is missing or has the
-        wrong size (a truncated file) is written again; None if all are in place.
+    def _damaged_blobs(
+        self, h: SessionHandle | None, r: StateRead, entries: Sequence[ondisk.LoopEntry]
+    ) -> set[str]:
+        """Materialized blobs `entries` reuse that are missing or of the wrong size.
 
-        One stat per reused blob; a same-size damaged blob is left to verify().
+        save() replaces the stored session, so it rewrites them (one stat per blob; a
+        same-size damaged blob is left to verify()).
         """
-        planned = {b.digest for b in blobs}
+        if h is None:
+            return set()
+        state = r.state
+        sizes = {e.blob: e.stored_size for e in state.entries}
         bad: set[str] = set()
-        for e in entries:
-            known = e.blob in planned or e.blob in bad
-            if not known and w.blob_size(e.blob) != e.stored_size:
+        for e in {e.blob: e for e in entries}.values():
+            if (
+                e.blob in sizes
+                and e.blob not in state.journal_blobs
+                and h.blob_size(e.blob) != sizes[e.blob]
+            ):
                 bad.add(e.blob)
-        if not bad:
-            return None
-        level = self.compression_level
-        new_entries = tuple(
-            d.entry(level) if e.blob in bad else e for d, e in zip(dumped, entries, strict=True)
-        )
-        extra = {d.digest: d.encoded(level) for d in dumped if d.digest in bad}
-        return new_entries, [*blobs, *extra.values()]
-
-    # -- public API: writes ------------------------------------------------------------
+        return bad
 
     def save(self, session: Session) -> None:
         """Replace the stored session with `session`; only new blobs are written."""
         self._save(session)
 
-    def append_loop(
-        self, session_id: str, loop: LoopRecord, *, session: Session | None = None
-    ) -> None:
-        """Add `loop` at the end, or replace the loop with the same loop_id in place.
-
-        Costs one blob plus the manifest whatever the session's size. `session` gives
-        the header when the session does not exist yet; without it a new session gets
-        the header phi-core's recorder would write for a first loop (agent and times of
-        `loop`, formation FirstLoop). Like phi-core's recorder, a new loop that started
-        later than the header's `last_active_at` moves it on.
-        """
-        session_id = ondisk.validate_session_id(session_id)
-        d = _dump_loop(loop)
-        blob = d.encoded(self.compression_level)
-        new_header = session.header() if session is not None else None
-
-        def stage() -> frozenset[str]:
-            return self._stage(session_id, [blob])
-
-        pos: int | None = None
-        with self._locked_writer(session_id, stage) as (w, staged):
-            current = self._current(session_id, w)
-            entry = d.entry(self.compression_level)
-            if current is None:
-                if new_header is None:
-                    new_header = _first_loop_header(session_id, loop)
-                elif new_header.get("session_id") != session_id:
-                    # session= is read only for a new session, so only then checked.
-                    raise InvalidSessionId(
-                        session_id, f"session= describes session {new_header.get('session_id')!r}"
-                    )
-                header: dict[str, Any] = dict(new_header)
-                entries: tuple[ondisk.LoopEntry, ...] = (entry,)
-                blobs = [blob]
-            else:
-                header = dict(current.header)
-                pos = current.loop_positions.get(d.loop_id)
-                if pos is None:
-                    entries = (*current.loops, entry)
-                else:
-                    if current.loops[pos].blob == d.digest:
-                        return
-                    entries = (*current.loops[:pos], entry, *current.loops[pos + 1 :])
-                blobs = [] if d.digest in current.blobs else [blob]
-            if (current is None or pos is None) and _later(
-                header.get("last_active_at"), d.started_at
-            ):
-                header["last_active_at"] = d.started_at
-            self._commit(w, session_id, current, header, entries, blobs, staged)
-
     def update(self, session_id: str, fn: Callable[[Session], Session | None]) -> Session:
         """Read-modify-write under the session lock: no lost updates."""
         session_id = ondisk.validate_session_id(session_id)
-        with self._locks.hold(session_id):
-            current = self._need_manifest(session_id)
-            session, current = self._load_session(session_id, current)
+        with self._held(session_id):
+            with self._backend.session(session_id) as h:
+                r = self._read_for_write(h)
+                if h is None or r is None:
+                    raise SessionNotFound(session_id, path=self._path(session_id))
+                r, raws = self._snapshot(session_id, lambda s: s.entries, h=h)
+            session = self._session_from(r.state, raws)
             result = fn(session)
             new = session if result is None else result
             if not isinstance(new, Session):
@@ -624,185 +807,124 @@ class FileSystemSessionStore:
                 )
             header = new.header()
             dumped = [_dump_loop(lp) for lp in new.loops]
-            # fn may itself have committed (re-entrant lock): build on the latest generation.
-            with self._backend.writer(session_id) as w:
-                latest = self._current(session_id, w)
-                entries, blobs = self._plan(dumped, latest)
-                if not self._unchanged(latest, header, entries):
-                    self._commit(w, session_id, latest, header, entries, blobs)
-                    w.finish()
+            # fn may itself have committed (the lock is re-entrant): build on the latest.
+            with self._backend.session(session_id) as h:
+                latest = self._read_for_write(h)
+                if latest is None:
+                    raise SessionNotFound(session_id, path=self._path(session_id))
+                entries, blobs = self._plan_loops(dumped, latest.state)
+                change = Change(latest.state)
+                change.set_header(header)
+                change.set_loops(entries, blobs)
+                if change.empty:
+                    self._settle(h, latest)
+                else:
+                    latest = self._commit(session_id, h, latest, change)
+            self._maybe_fold(session_id, latest)
         return new
 
     def delete(self, session_id: str) -> None:
-        """Remove a session (rename into tmp/ under the lock, then delete there)."""
+        """Remove a session (one atomic rename on a filesystem), then its files."""
         session_id = ondisk.validate_session_id(session_id)
-        with self._locks.hold(session_id):
+        with self._held(session_id):
             if not self._backend.has_manifest(session_id):
-                raise SessionNotFound(session_id, path=self._layout.session_dir(session_id))
-            self._backend.delete_session(session_id)
-            self._cache_drop(session_id)
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            self._backend.delete(session_id)
+            self._cache.pop(session_id, None)
+
+    def checkpoint(self, session_id: str) -> bool:
+        """Fold the session's journal into a new checkpoint now; False if there was nothing.
+
+        Every blob then is a file in loops/ (what rsync and snapshots see at rest); a v1
+        session is upgraded to v2. Writers do this on their own every few hundred
+        records; backups, migrations and tests call it to get there at once.
+        """
+        session_id = ondisk.validate_session_id(session_id)
+        with self._held(session_id), self._backend.session(session_id) as h:
+            r = self.read_state(h) if h is not None else None
+            if h is None or r is None:
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            if r.state.checkpoint_version >= ondisk.FORMAT_VERSION and not r.state.records:
+                self._settle(h, r)
+                return False
+            self._fold(h, r)
+            return True
 
     @contextlib.contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
         """The exclusive lock writers take; re-entrant for the holder."""
         session_id = ondisk.validate_session_id(session_id)
-        with self._locks.hold(session_id):
+        with self._held(session_id):
             yield
 
-    # -- public API: reads -------------------------------------------------------------
+    # -- reads -----------------------------------------------------------------------------
 
     def exists(self, session_id: str) -> bool:
         return self._backend.has_manifest(ondisk.validate_session_id(session_id))
 
-    def _read_blobs(
-        self,
-        session_id: str,
-        first: ondisk.Manifest | None,
-        entries_of: Callable[[ondisk.Manifest], Sequence[ondisk.LoopEntry]],
-    ) -> tuple[ondisk.Manifest, list[bytes]]:
-        """Read and verify the blobs a manifest names, re-reading it if one vanished."""
-        manifest = first
-        for _attempt in range(READ_RETRIES):
-            with self._backend.reader(session_id) as r:
-                if manifest is None:
-                    data = r.manifest()
-                    if data is None:
-                        raise SessionNotFound(session_id, path=self._layout.session_dir(session_id))
-                    manifest = self._parse_manifest(session_id, data)
-                raws: dict[str, bytes] = {}
-                missing: ondisk.LoopEntry | None = None
-                out: list[bytes] = []
-                for e in entries_of(manifest):
-                    raw = raws.get(e.blob)
-                    if raw is None:
-                        try:
-                            data = r.blob(e.blob)
-                        except FileNotFoundError:
-                            missing = e
-                            break
-                        try:
-                            raw = ondisk.decode_blob(
-                                data,
-                                e.blob,
-                                session_id=session_id,
-                                path=None,
-                                expected_raw_size=e.raw_size,
-                            )
-                        except ondisk.DamagedBlob as exc:
-                            # The path is built only now: the happy path builds none.
-                            raise ondisk.DamagedBlob(
-                                session_id,
-                                exc.cause,
-                                path=self._layout.blob(session_id, e.blob),
-                                kind=exc.kind,
-                            ) from None
-                        raws[e.blob] = raw
-                    out.append(raw)
-                if missing is None:
-                    return manifest, out
-            # A blob vanished: the session was deleted, gc'd or rewritten meanwhile.
-            again = self._read_manifest(session_id)
-            if again is None:
-                raise SessionNotFound(session_id, path=self._layout.session_dir(session_id))
-            if again.checksum == manifest.checksum:
-                raise CorruptSession(
-                    session_id,
-                    f"missing blob for loop {missing.loop_id!r}",
-                    path=self._layout.blob(session_id, missing.blob),
-                )
-            manifest = again
-        raise CorruptSession(
-            session_id,
-            f"session kept changing; gave up after {READ_RETRIES} reads",
-            path=self._layout.manifest(session_id),
-        )
-
-    def _load_session(
-        self, session_id: str, first: ondisk.Manifest | None = None
-    ) -> tuple[Session, ondisk.Manifest]:
-        manifest, raws = self._read_blobs(session_id, first, lambda m: m.loops)
-        header = manifest.header_json
-        loops = b"[" + b",".join(raws) + b"]"
-        doc = (
-            header[:-1] + b',"loops":' + loops + b"}"
-            if header != b"{}"
-            else b'{"loops":' + loops + b"}"
-        )
-        try:
-            return Session.model_validate_json(doc), manifest
-        except pydantic.ValidationError as exc:
-            raise CorruptSession(
-                session_id,
-                f"undecodable session: {_first_error(exc)}",
-                path=self._layout.session_dir(session_id),
-            ) from None
-
     def load(self, session_id: str) -> Session:
         """The whole session; SessionNotFound if absent, CorruptSession if damaged."""
         session_id = ondisk.validate_session_id(session_id)
-        return self._load_session(session_id)[0]
+        r, raws = self._snapshot(session_id, lambda s: s.entries)
+        return self._session_from(r.state, raws)
 
     def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
         """One loop, decoding only its blob."""
         session_id = ondisk.validate_session_id(session_id)
 
-        def pick(m: ondisk.Manifest) -> Sequence[ondisk.LoopEntry]:
-            pos = m.loop_positions.get(loop_id)
-            if pos is None:
+        def pick(s: SessionState) -> Sequence[ondisk.LoopEntry]:
+            entry = s.entry(loop_id)
+            if entry is None:
                 raise LoopNotFound(
-                    session_id,
-                    f"no loop {loop_id!r} in session",
-                    path=self._layout.manifest(session_id),
+                    session_id, f"no loop {loop_id!r} in session", path=self._path(session_id)
                 )
-            return (m.loops[pos],)
+            return (entry,)
 
-        manifest, raws = self._read_blobs(session_id, None, pick)
+        _r, raws = self._snapshot(session_id, pick)
         try:
-            return LoopRecord.model_validate_json(raws[0])
+            return decode_loops(raws)[0]
         except pydantic.ValidationError as exc:
-            entry = pick(manifest)[0]
             raise CorruptSession(
-                session_id,
-                f"undecodable loop: {_first_error(exc)}",
-                path=self._layout.blob(session_id, entry.blob),
+                session_id, f"undecodable loop: {first_error(exc)}", path=self._path(session_id)
             ) from None
 
-    def _manifests(
-        self, on_error: Callable[[SessionError], None] | None = None
-    ) -> list[ondisk.Manifest]:
-        out: list[ondisk.Manifest] = []
-        for session_id in self._backend.list_sessions():
+    def session_state(self, session_id: str) -> SessionState:
+        """The session's durable index state (no loop decoded); SessionNotFound if absent."""
+        session_id = ondisk.validate_session_id(session_id)
+        with self._backend.session(session_id) as h:
+            r = self._read_durable(h) if h is not None else None
+        if r is None:
+            raise SessionNotFound(session_id, path=self._path(session_id))
+        return r.state
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return SessionInfo.from_state(self.session_state(session_id))
+
+    def _infos(self, on_error: Callable[[SessionError], None] | None) -> Iterator[SessionInfo]:
+        for sid in sorted(self._backend.list_sessions()):
             try:
-                m = self._read_manifest(session_id)
-            except (CorruptSession, UnsupportedFormat) as exc:
+                yield self.session_info(sid)
+            except SessionNotFound:
+                continue
+            except SessionError as exc:
                 if on_error is None:
                     raise
                 on_error(exc)
-                continue
-            if m is not None:
-                out.append(m)
-        out.sort(key=_recency_key, reverse=True)
-        return out
 
     def iter_manifests(
         self, *, on_error: Callable[[SessionError], None] | None = None
     ) -> Iterator[SessionInfo]:
-        """Every session's manifest summary, most recently active first (no loop decoded).
+        """Every session's summary, most recently active first (no loop decoded).
 
-        A damaged manifest raises CorruptSession, or is passed to `on_error` if given.
+        A session that cannot be read raises, or is passed to `on_error` if given.
         """
-        for m in self._manifests(on_error):
-            yield SessionInfo.from_manifest(m)
-
-    def session_info(self, session_id: str) -> SessionInfo:
-        session_id = ondisk.validate_session_id(session_id)
-        return SessionInfo.from_manifest(self._need_manifest(session_id))
+        yield from sorted(self._infos(on_error), key=_recency_key, reverse=True)
 
     def list_ids(self) -> list[str]:
         """Every stored session, most recently active first.
 
         Order: header `last_active_at` descending, then last commit time descending.
-        A session whose manifest is damaged is listed last (load() will report it).
+        A session that cannot be read is listed last (load() will report it).
         """
         damaged: list[str] = []
 
@@ -810,38 +932,37 @@ class FileSystemSessionStore:
             if err.session_id is not None:
                 damaged.append(err.session_id)
 
-        return [m.session_id for m in self._manifests(note)] + sorted(damaged)
+        infos = list(self.iter_manifests(on_error=note))
+        return [i.session_id for i in infos] + sorted(damaged)
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
-        """Sessions of `agent_id`, most recent first; other agents' loops are never read.
-
-        A damaged manifest that names another agent is skipped; one that may be this
-        agent's raises CorruptSession.
-        """
+        """Sessions of `agent_id`, most recent first; other agents' loops are never read."""
         out: list[Session] = []
 
         def damaged(err: SessionError) -> None:
-            # A damaged manifest fails the listing only if it may be this agent's.
-            sid = err.session_id
-            data = self._backend.read_manifest(sid) if sid is not None else None
-            if data is None or ondisk.salvage_agent_id(data) in (agent_id, None):
+            # A damaged session fails the listing only if it may be this agent's.
+            if err.session_id is None or self._salvage_agent(err.session_id) in (agent_id, None):
                 raise err
 
-        for m in self._manifests(damaged):
-            if m.agent_id != agent_id:
+        for info in self.iter_manifests(on_error=damaged):
+            if info.agent_id != agent_id:
                 continue
             try:
-                out.append(self._load_session(m.session_id, m)[0])
+                out.append(self.load(info.session_id))
             except SessionNotFound:
                 continue
         return out
 
-    # -- maintenance ---------------------------------------------------------------------
+    def _salvage_agent(self, session_id: str) -> str | None:
+        """Best-effort agent of a session that does not read, from its manifest's header."""
+        try:
+            with self._backend.session(session_id) as h:
+                got = h.manifest() if h is not None else None
+        except SessionError:
+            return None
+        return ondisk.salvage_agent_id(got[0]) if got is not None else None
 
-    def _session_ids(self, session_id: str | None) -> list[str]:
-        if session_id is not None:
-            return [ondisk.validate_session_id(session_id)]
-        return sorted(self._backend.list_sessions())
+    # -- maintenance (loopstore.maintenance) ------------------------------------------------
 
     def verify(
         self,
@@ -851,100 +972,10 @@ class FileSystemSessionStore:
         deep: bool = False,
         grace: float | timedelta = GC_GRACE_S,
     ) -> VerifyReport:
-        """Check every manifest checksum and blob hash (deep: also validate the models).
+        """Check every checkpoint, journal record and blob hash (deep: also the models)."""
+        from loopstore import maintenance
 
-        Takes no lock, so it never blocks writers; a blob that vanished is re-checked
-        against a fresh manifest before it is reported.
-        """
-        grace = _grace_seconds(grace)
-        report = VerifyReport()
-        ids = self._session_ids(session_id)
-        if session_id is not None and self._backend.read_manifest(ids[0]) is None:
-            raise SessionNotFound(ids[0], path=self._layout.session_dir(ids[0]))
-        total = len(ids)
-        for done, sid in enumerate(ids, 1):
-            self._verify_session(sid, report, deep=deep, grace=grace)
-            report.sessions_checked += 1
-            if progress is not None:
-                progress(done, total)
-        if session_id is None:
-            for f in self._backend.list_tmp():
-                if f.age_s >= grace:
-                    report.orphans.append(Orphan(None, f.path, "stale_tmp", f.size, f.age_s))
-        return report
-
-    def _verify_session(self, sid: str, report: VerifyReport, *, deep: bool, grace: float) -> None:
-        manifest_path = self._layout.manifest(sid)
-        for _attempt in range(READ_RETRIES):
-            try:
-                m = self._read_manifest(sid)
-            except UnsupportedFormat as exc:
-                report.problems.append(Problem(sid, manifest_path, "bad_manifest", exc.cause))
-                return
-            except CorruptSession as exc:
-                report.problems.append(Problem(sid, manifest_path, "bad_manifest", exc.cause))
-                return
-            if m is None:
-                age = self._backend.session_dir_age(sid)
-                if age is not None:
-                    report.orphans.append(
-                        Orphan(sid, self._layout.session_dir(sid), "incomplete_session", 0, age)
-                    )
-                return
-            problems: list[Problem] = []
-            vanished = False
-            checked = 0
-            with self._backend.reader(sid) as r:
-                for e in {e.blob: e for e in m.loops}.values():
-                    path = self._layout.blob(sid, e.blob)
-                    checked += 1
-                    try:
-                        data = r.blob(e.blob)
-                    except FileNotFoundError:
-                        vanished = True
-                        problems.append(Problem(sid, path, "missing_blob", f"loop {e.loop_id!r}"))
-                        continue
-                    try:
-                        raw = ondisk.decode_blob(
-                            data,
-                            e.blob,
-                            session_id=sid,
-                            path=path,
-                            expected_raw_size=e.raw_size,
-                        )
-                    except ondisk.DamagedBlob as exc:
-                        problems.append(Problem(sid, path, exc.kind, exc.cause))
-                        continue
-                    if deep:
-                        try:
-                            loop = LoopRecord.model_validate_json(raw)
-                        except pydantic.ValidationError as exc:
-                            problems.append(Problem(sid, path, "undecodable", _first_error(exc)))
-                            continue
-                        if loop.loop_id != e.loop_id:
-                            problems.append(
-                                Problem(
-                                    sid,
-                                    path,
-                                    "undecodable",
-                                    f"blob holds loop {loop.loop_id!r}, not {e.loop_id!r}",
-                                )
-                            )
-            if vanished:
-                again = self._read_manifest(sid)
-                if again is None:
-                    return  # deleted while we looked
-                if again.checksum != m.checksum:
-                    continue  # rewritten while we looked: check the new state
-            report.problems.extend(problems)
-            report.blobs_checked += checked
-            referenced = {ondisk.blob_filename(b) for b in m.blobs}
-            for f in self._backend.list_blobs(sid):
-                if f.name in referenced:
-                    continue
-                kind = "orphan_blob" if ondisk.is_blob_name(f.name) else "stray_file"
-                report.orphans.append(Orphan(sid, f.path, kind, f.size, f.age_s))
-            return
+        return maintenance.verify(self, session_id, progress=progress, deep=deep, grace=grace)
 
     def gc(
         self,
@@ -953,122 +984,33 @@ class FileSystemSessionStore:
         progress: ProgressFn | None = None,
         dry_run: bool = False,
     ) -> GcReport:
-        """Remove unreferenced blobs and stale tmp files older than `grace` seconds.
+        """Remove unreferenced blobs, stale journals and tmp files older than `grace`."""
+        from loopstore import maintenance
 
-        Each session is handled under its lock with a fresh manifest, so a concurrent
-        writer never loses a blob it is about to publish; readers that lose a blob to
-        gc re-read the manifest. A session whose manifest is damaged is left alone.
-        `dry_run` counts what would go and removes nothing.
-        """
-        grace = _grace_seconds(grace)
-        report = GcReport()
-        ids = self._session_ids(None)
-        total = len(ids) + 1
-        for done, sid in enumerate(ids, 1):
-            report.sessions_scanned += 1
-            try:
-                with self._locks.hold(sid):
-                    self._gc_session(sid, grace, report, dry_run)
-            except SessionLocked:
-                report.sessions_skipped += 1
-            except (CorruptSession, UnsupportedFormat):
-                report.sessions_skipped += 1
-            if progress is not None:
-                progress(done, total)
-        for f in self._backend.list_tmp():
-            if f.age_s >= grace:
-                if not dry_run:
-                    self._backend.delete_tmp(f.name)
-                if f.is_dir:
-                    report.dirs_removed += 1
-                else:
-                    report.tmp_removed += 1
-                    report.bytes_freed += f.size
-        if progress is not None:
-            progress(total, total)
-        return report
-
-    def _gc_session(self, sid: str, grace: float, report: GcReport, dry_run: bool) -> None:
-        m = self._read_manifest(sid)
-        if m is None:
-            age = self._backend.session_dir_age(sid)
-            if age is not None and age >= grace:
-                if not dry_run:
-                    self._backend.remove_session_dir(sid)
-                report.dirs_removed += 1
-            return
-        referenced = {ondisk.blob_filename(b) for b in m.blobs}
-        for f in self._backend.list_blobs(sid):
-            if f.name not in referenced and not f.is_dir and f.age_s >= grace:
-                if not dry_run:
-                    self._backend.delete_blob(sid, f.name)
-                report.blobs_removed += 1
-                report.bytes_freed += f.size
+        return maintenance.gc(self, grace, progress=progress, dry_run=dry_run)
 
     def stats(self) -> StoreStats:
-        """Counts from manifests and directory listings (no blob is decompressed)."""
-        st = StoreStats()
-        for sid in self._backend.list_sessions():
-            try:
-                m = self._read_manifest(sid)
-            except (CorruptSession, UnsupportedFormat):
-                m = None
-            files = self._backend.list_blobs(sid)
-            st.disk_bytes += sum(f.size for f in files)
-            st.blobs += sum(1 for f in files if ondisk.is_blob_name(f.name))
-            if m is None:
-                st.damaged += 1
-                continue
-            st.sessions += 1
-            st.loops += len(m.loops)
-            unique = {e.blob: e for e in m.loops}
-            st.raw_bytes += sum(e.raw_size for e in unique.values())
-            st.stored_bytes += sum(e.stored_size for e in unique.values())
-            referenced = {ondisk.blob_filename(b) for b in unique}
-            st.orphans += sum(1 for f in files if f.name not in referenced)
-        st.orphans += len(self._backend.list_tmp())
-        return st
+        """Counts from indexes and listings (no blob is decompressed)."""
+        from loopstore import maintenance
 
-    # -- legacy ------------------------------------------------------------------------
+        return maintenance.stats(self)
 
     def import_legacy(
-        self, directory: str | os.PathLike[str], *, progress: ProgressFn | None = None
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        overwrite: bool = False,
     ) -> ImportReport:
-        """Import phi-core `{session_id}.json` files; idempotent, never stops on a bad file."""
-        report = ImportReport()
-        base = Path(directory)
-        try:
-            files = sorted(p for p in base.iterdir() if p.name.endswith(".json") and p.is_file())
-        except OSError as exc:
-            report.failed.append(ImportFailure(base, f"cannot list directory: {exc}"))
-            return report
-        total = len(files)
-        for done, path in enumerate(files, 1):
-            try:
-                session = Session.model_validate_json(path.read_bytes())
-                outcome = self._save(session)
-            except OSError as exc:
-                report.failed.append(ImportFailure(path, f"cannot read: {exc.strerror or exc}"))
-            except pydantic.ValidationError as exc:
-                report.failed.append(
-                    ImportFailure(path, f"not a phi-core session: {_first_error(exc)}")
-                )
-            except InvalidSessionId as exc:
-                report.failed.append(ImportFailure(path, f"invalid session id: {exc.cause}"))
-            except SessionError as exc:
-                report.failed.append(ImportFailure(path, str(exc)))
-            else:
-                {
-                    "created": report.imported,
-                    "updated": report.updated,
-                    "unchanged": report.unchanged,
-                }[outcome].append(session.session_id)
-            if progress is not None:
-                progress(done, total)
-        return report
+        """Import phi-core `{session_id}.json` files (never drops what the store has more)."""
+        from loopstore import maintenance
+
+        return maintenance.import_legacy(self, directory, progress=progress, overwrite=overwrite)
 
     def export_legacy(self, session_id: str, directory: str | os.PathLike[str]) -> Path:
         """Write `{directory}/{session_id}.json` with phi-core's exact bytes."""
+        from loopstore import legacy
+
         return legacy.save_session(self.load(session_id), Path(directory))
 
     def backup(
@@ -1085,33 +1027,17 @@ class FileSystemSessionStore:
         return backup(self, dest, prune=prune, progress=progress, link=link)
 
 
-def _grace_seconds(grace: float | timedelta) -> float:
-    """A grace period in seconds (a timedelta is accepted too)."""
-    seconds = grace.total_seconds() if isinstance(grace, timedelta) else float(grace)
-    if seconds < 0:
-        raise ValueError("grace must be >= 0")
-    return seconds
+def _recency_key(info: SessionInfo) -> tuple[int, int]:
+    active = ondisk.timestamp_ns(info.last_active_at)
+    return (active if active is not None else -(2**63), info.committed_at_ns)
 
 
-def _first_error(exc: pydantic.ValidationError) -> str:
-    errors = exc.errors()
-    if not errors:
-        return str(exc)
-    first = errors[0]
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {first.get('msg', '')}{more}"
+def _reopen(cls: Callable[..., Any], location: str, options: dict[str, Any]) -> Any:
+    return cls(location, **options)
 
 
-def _reopen(cls: Callable[..., T], root: str, options: dict[str, Any]) -> T:
-    return cls(root, **options)
-
-
-# --------------------------------------------------------------------------- asyncio
-
-
-class AsyncFileSystemSessionStore:
-    """The same store for asyncio: each call runs in a worker thread (asyncio.to_thread)."""
+class FileSystemSessionStore(SessionStore):
+    """Sessions in a plain directory that many processes and threads share."""
 
     def __init__(
         self,
@@ -1122,127 +1048,38 @@ class AsyncFileSystemSessionStore:
         durable: bool = True,
         compression_level: int = ondisk.DEFAULT_COMPRESSION_LEVEL,
     ) -> None:
-        self.sync = FileSystemSessionStore(
-            root,
-            lock_timeout=lock_timeout,
-            lock_poll_interval=lock_poll_interval,
-            durable=durable,
-            compression_level=compression_level,
+        if lock_timeout < 0:
+            raise ValueError("lock_timeout must be >= 0")
+        if lock_poll_interval <= 0:
+            raise ValueError("lock_poll_interval must be > 0")
+        options = {
+            "lock_timeout": lock_timeout,
+            "lock_poll_interval": lock_poll_interval,
+            "durable": durable,
+            "compression_level": compression_level,
+        }
+        if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
+            raise ValueError("compression_level must be an int in -7..22")
+        backend = FileSystemBackend(
+            root, durable=durable, lock_timeout=lock_timeout, lock_poll_interval=lock_poll_interval
         )
+        super().__init__(backend, compression_level=compression_level, options=options)
+        self._fs = backend
 
     @property
     def root(self) -> Path:
-        return self.sync.root
+        return self._fs.layout.root
 
-    def __repr__(self) -> str:
-        return f"AsyncFileSystemSessionStore({str(self.root)!r})"
+    @property
+    def layout(self) -> ondisk.Layout:
+        return self._fs.layout
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (type(self), str(self.root), dict(self.sync._options)))
-
-    async def save(self, session: Session) -> None:
-        await asyncio.to_thread(self.sync.save, session)
-
-    async def load(self, session_id: str) -> Session:
-        return await asyncio.to_thread(self.sync.load, session_id)
-
-    async def exists(self, session_id: str) -> bool:
-        return await asyncio.to_thread(self.sync.exists, session_id)
-
-    async def list_ids(self) -> list[str]:
-        return await asyncio.to_thread(self.sync.list_ids)
-
-    async def list_for_agent(self, agent_id: str) -> list[Session]:
-        return await asyncio.to_thread(self.sync.list_for_agent, agent_id)
-
-    async def delete(self, session_id: str) -> None:
-        await asyncio.to_thread(self.sync.delete, session_id)
-
-    async def append_loop(
-        self, session_id: str, loop: LoopRecord, *, session: Session | None = None
-    ) -> None:
-        await asyncio.to_thread(self.sync.append_loop, session_id, loop, session=session)
-
-    async def update(self, session_id: str, fn: Callable[[Session], Session | None]) -> Session:
-        return await asyncio.to_thread(self.sync.update, session_id, fn)
-
-    async def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
-        return await asyncio.to_thread(self.sync.load_loop, session_id, loop_id)
-
-    async def verify(self, session_id: str | None = None, **kwargs: Any) -> VerifyReport:
-        return await asyncio.to_thread(self.sync.verify, session_id, **kwargs)
-
-    async def gc(self, grace: float | timedelta = GC_GRACE_S, **kwargs: Any) -> GcReport:
-        return await asyncio.to_thread(self.sync.gc, grace, **kwargs)
-
-    async def stats(self) -> StoreStats:
-        return await asyncio.to_thread(self.sync.stats)
-
-    async def session_info(self, session_id: str) -> SessionInfo:
-        return await asyncio.to_thread(self.sync.session_info, session_id)
-
-    async def iter_manifests(self) -> list[SessionInfo]:
-        return await asyncio.to_thread(lambda: list(self.sync.iter_manifests()))
-
-    async def import_legacy(self, directory: str | os.PathLike[str], **kwargs: Any) -> ImportReport:
-        return await asyncio.to_thread(self.sync.import_legacy, directory, **kwargs)
-
-    async def export_legacy(self, session_id: str, directory: str | os.PathLike[str]) -> Path:
-        return await asyncio.to_thread(self.sync.export_legacy, session_id, directory)
-
-    async def backup(
-        self,
-        dest: str | os.PathLike[str],
-        *,
-        prune: bool = True,
-        progress: ProgressFn | None = None,
-        link: bool = True,
-    ) -> BackupReport:
-        return await asyncio.to_thread(
-            lambda: self.sync.backup(dest, prune=prune, progress=progress, link=link)
-        )
-
-    @contextlib.asynccontextmanager
-    async def lock(self, session_id: str) -> AsyncIterator[None]:
-        """Hold the session lock across awaits; store calls made inside count as the holder.
-
-        The holder is this task's context (store calls run via asyncio.to_thread copy
-        it), so `async with store.lock(id): await store.save(s)` does not deadlock.
-        """
-        session_id = ondisk.validate_session_id(session_id)
-        locks = self.sync._locks
-        token = object()
-        acquiring = asyncio.ensure_future(asyncio.to_thread(locks.acquire, session_id, token))
-        try:
-            await asyncio.shield(acquiring)
-        except asyncio.CancelledError:
-            # The worker thread may still get the lock: give it back when it does.
-            def undo(f: asyncio.Future[object]) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    locks.release(session_id, token)
-
-            acquiring.add_done_callback(undo)
-            raise
-        try:
-            with locking.owner_override(locks.key(session_id), token):
-                yield
-        finally:
-            await asyncio.to_thread(locks.release, session_id, token)
-
-    def close(self) -> None:
-        self.sync.close()
+    def __enter__(self) -> FileSystemSessionStore:
+        return self
 
 
 __all__ = [
     "GC_GRACE_S",
-    "AsyncFileSystemSessionStore",
     "FileSystemSessionStore",
-    "GcReport",
-    "ImportFailure",
-    "ImportReport",
-    "Orphan",
-    "Problem",
-    "SessionInfo",
-    "StoreStats",
-    "VerifyReport",
+    "SessionStore",
 ]
