@@ -356,8 +356,14 @@ def test_garbled_manifest(tmp_path: Path) -> None:
     assert [s.session_id for s in st.list_for_agent("agent-test")] == ["good"]
     with pytest.raises(CorruptSession):
         st.list_for_agent("bob")
-    # damage so deep the owner is unknown: reported, never silently skipped
+    # damage so deep the manifest no longer names its owner: the listing catalog still
+    # knows it (carol's), so agent-test's listing is unaffected and carol's reports it
     (_sdir(tmp_path, "gone") / "manifest.json").write_bytes(b"\x00garbage")
+    assert [s.session_id for s in st.list_for_agent("agent-test")] == ["good"]
+    with pytest.raises(CorruptSession):
+        st.list_for_agent("carol")
+    # a fresh catalog (rebuilt from the sessions) cannot tell: then it is reported
+    st.reindex()
     with pytest.raises(CorruptSession):
         st.list_for_agent("agent-test")
 

@@ -42,7 +42,8 @@ def test_processes_times_threads_lose_nothing(tmp_path: Path, pool: Any) -> None
     assert len(s.loops) == 1 + expected  # every append_loop
     assert len({lp.loop_id for lp in s.loops}) == len(s.loops)
     info = store.session_info("shared")
-    assert info.generation == 1 + 2 * expected  # one commit per acknowledged write
+    # Every update is a commit of its own; appends may share one (group commit).
+    assert 1 + expected < info.generation <= 1 + 2 * expected
     assert store.verify().ok
 
 

@@ -21,6 +21,7 @@ from pathlib import Path, PurePath
 from typing import Protocol
 
 from loopstore import journal, ondisk
+from loopstore.catalog import Catalog
 from loopstore.locking import LockManager
 
 
@@ -99,6 +100,7 @@ class Backend(Protocol):
     durable: bool
     locks: LockManager
     format_version: int
+    catalog: Catalog | None
 
     @property
     def location(self) -> str: ...

@@ -207,13 +207,13 @@ def _backup_session(run: _Run, sid: str) -> str:
                 dr = dst.read_state(dh) if dh is not None else None
             except SessionError:
                 dr = None  # a damaged copy is simply replaced
-            if dh is not None and dr is not None and _same(state, dr.state):
-                if not run.copy_only or not _shares_inodes(h, dh, state):
-                    report.files_skipped += len(state.blobs)
-                    report.bytes_skipped += sum(
-                        e.stored_size for e in {e.blob: e for e in state.entries}.values()
-                    )
-                    return "unchanged"
+            unchanged = dh is not None and dr is not None and _same(state, dr.state)
+            if unchanged and not (run.copy_only and _shares_inodes(h, dh, state)):
+                report.files_skipped += len(state.blobs)
+                report.bytes_skipped += sum(
+                    e.stored_size for e in {e.blob: e for e in state.entries}.values()
+                )
+                return "unchanged"
             blobs, links = _source_blobs(run, h, state)
             if dh is None or dr is None:
                 data, _m = ondisk.encode_manifest(

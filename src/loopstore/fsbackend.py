@@ -25,6 +25,7 @@ from typing import Final
 
 from loopstore import atomic, journal, locking, ondisk
 from loopstore.backend import FileStat, JournalRead
+from loopstore.catalog import Catalog
 from loopstore.errors import CorruptSession, storage_error
 
 NO_LINK_ERRNOS: Final = frozenset(
@@ -183,30 +184,31 @@ class FsSession:
         j = self._open_journal(generation, write=False)
         if j is None:
             return None
-        path = self._journal_path(generation)
         try:
             data = atomic.read_fd(j.fd, cursor)
         except OSError as exc:
-            raise self._err("read journal", path, exc) from exc
+            raise self._err("read journal", self._journal_path(generation), exc) from exc
         try:
             frames, end = journal.scan(data, cursor)
         except journal.JournalError as exc:
+            path = self._journal_path(generation)
             raise CorruptSession(self.session_id, f"bad journal: {exc}", path=path) from None
         return JournalRead(frames, end, cursor + len(data))
 
     def payload(self, generation: int, span: journal.BlobSpan) -> bytes:
         """A blob carried by a journal record (not yet materialized in loops/)."""
-        path = self._journal_path(generation)
         j = self._open_journal(generation, write=False)
         if j is None:
-            raise FileNotFoundError(path)
+            raise FileNotFoundError(self._journal_path(generation))
         try:
             data = atomic.read_fd(j.fd, span.locator + span.start, span.length)
         except OSError as exc:
-            raise self._err("read journal", path, exc) from exc
+            raise self._err("read journal", self._journal_path(generation), exc) from exc
         if len(data) != span.length:
             raise CorruptSession(
-                self.session_id, "journal is shorter than a record it holds", path=path
+                self.session_id,
+                "journal is shorter than a record it holds",
+                path=self._journal_path(generation),
             )
         return data
 
@@ -238,10 +240,8 @@ class FsSession:
         if the state this builds on was not known to be durable, and append a sync mark.
         Returns where the frame starts (its blobs' locator base) and the new cursor.
         """
-        path = self._journal_path(generation)
         j = self._open_journal(generation, write=True)
-        if j is None:  # pragma: no cover - open with create=True always yields a handle
-            raise CorruptSession(self.session_id, "journal vanished", path=path)
+        assert j is not None  # opened with create=True
         try:
             if os.fstat(j.fd).st_size > at:
                 os.ftruncate(j.fd, at)
@@ -249,7 +249,7 @@ class FsSession:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(j.fd, at)
-            raise self._err("append to journal", path, exc) from exc
+            raise self._err("append to journal", self._journal_path(generation), exc) from exc
         try:
             if self._b.durable:
                 atomic.sync(j.fd, "journal", data_only=True)
@@ -260,15 +260,15 @@ class FsSession:
             # Not durable, and not acknowledged: take the record back (best effort).
             with contextlib.suppress(OSError):
                 os.ftruncate(j.fd, at)
-            raise self._err("sync journal", path, exc) from exc
-        self._mark(j, at + len(frame), path)
+            raise self._err("sync journal", self._journal_path(generation), exc) from exc
+        self._mark(j, at + len(frame))
         return at, at + len(frame) + journal.MARK_BYTES
 
-    def _mark(self, j: _Journal, at: int, path: Path) -> None:
+    def _mark(self, j: _Journal, at: int) -> None:
         try:
             atomic.write_all(j.fd, journal.MARK, at)
         except OSError as exc:
-            raise self._err("mark journal", path, exc) from exc
+            raise self._err("mark journal", self._journal_path(j.generation), exc) from exc
 
     # -- blobs -----------------------------------------------------------------------
 
@@ -390,7 +390,7 @@ class FsSession:
                 raise self._err("fsync session directory", b.layout.session_dir(sid), exc) from exc
         j = self._open_journal(new_generation, write=True)
         assert j is not None
-        self._mark(j, 0, self._journal_path(new_generation))
+        self._mark(j, 0)
         if old_generation != new_generation:
             atomic.unlink_quiet(self._sfd, ondisk.journal_filename(old_generation))
         return manifest[-MANIFEST_TAIL_BYTES:], journal.MARK_BYTES
@@ -430,6 +430,7 @@ class FileSystemBackend:
         except BaseException:
             self.close()
             raise
+        self.catalog: Catalog | None = Catalog(self.layout.root, self.root_fd)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -527,6 +528,9 @@ class FileSystemBackend:
         self._sync_dir(self.root_fd, "store-dir", self.layout.root)
 
     def close(self) -> None:
+        catalog = getattr(self, "catalog", None)
+        if catalog is not None:
+            catalog.close()
         for attr in ("tmp_fd", "locks_fd", "sessions_fd", "root_fd"):
             fd = getattr(self, attr, -1)
             if fd >= 0:
@@ -564,6 +568,11 @@ class FileSystemBackend:
             self._retired.append(getattr(self, attr))
             setattr(self, attr, getattr(fresh, attr))
             setattr(fresh, attr, -1)
+        if fresh.catalog is not None:
+            fresh.catalog.close()
+        if self.catalog is not None:
+            self.catalog.close()
+        self.catalog = Catalog(self.layout.root, self.root_fd)
 
     # -- staging ---------------------------------------------------------------------
 

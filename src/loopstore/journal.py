@@ -133,7 +133,7 @@ def scan(data: bytes | memoryview, base: int = 0) -> tuple[list[Frame], int]:
                     "(not a torn tail: the journal was altered)"
                 )
             break
-        magic, kind, meta_len, payload_len, checksum = FRAME_HEADER.unpack_from(view, pos)
+        _magic, kind, meta_len, _payload_len, _sum = FRAME_HEADER.unpack_from(view, pos)
         meta_at = pos + FRAME_HEADER_BYTES
         meta: Mapping[str, Any] = _EMPTY
         if meta_len:
@@ -172,6 +172,25 @@ class BlobSpan:
 
 
 @dataclass(frozen=True)
+class BaseIndex:
+    """Lookups into the checkpoint's entries, built once per checkpoint (O(loops))."""
+
+    positions: Mapping[str, int]
+    #: loop_id -> position of its first occurrence
+    blob_positions: Mapping[str, tuple[int, ...]]
+    #: blob -> every position that names it
+
+    @classmethod
+    def of(cls, entries: Sequence[ondisk.LoopEntry]) -> BaseIndex:
+        positions: dict[str, int] = {}
+        blobs: dict[str, list[int]] = {}
+        for i, e in enumerate(entries):
+            positions.setdefault(e.loop_id, i)
+            blobs.setdefault(e.blob, []).append(i)
+        return cls(positions, {b: tuple(p) for b, p in blobs.items()})
+
+
+@dataclass(frozen=True)
 class SessionState:
     """A session as of one commit: header, ordered loop index, and where each blob is.
 
@@ -185,7 +204,7 @@ class SessionState:
     committed_at_ns: int
     header: Mapping[str, Any]
     base: tuple[ondisk.LoopEntry, ...]
-    base_pos: Mapping[str, int]
+    base_index: BaseIndex
     checkpoint_generation: int
     checkpoint_version: int = ondisk.FORMAT_VERSION
     replaced: Mapping[int, ondisk.LoopEntry] = field(default_factory=lambda: _EMPTY)
@@ -205,7 +224,7 @@ class SessionState:
             committed_at_ns=m.committed_at_ns,
             header=m.header,
             base=m.loops,
-            base_pos=m.loop_positions,
+            base_index=BaseIndex.of(m.loops),
             checkpoint_generation=m.generation,
             checkpoint_version=m.version,
             checkpoint_bytes=size,
@@ -220,7 +239,7 @@ class SessionState:
             committed_at_ns=0,
             header=MappingProxyType(dict(header)),
             base=(),
-            base_pos=_EMPTY,
+            base_index=BaseIndex(_EMPTY, _EMPTY),
             checkpoint_generation=0,
         )
 
@@ -240,7 +259,7 @@ class SessionState:
         return len(self.base) + len(self.appended)
 
     def position(self, loop_id: str) -> int | None:
-        pos = self.base_pos.get(loop_id)
+        pos = self.base_index.positions.get(loop_id)
         if pos is not None:
             return pos
         pos = self.appended_pos.get(loop_id)
@@ -261,8 +280,20 @@ class SessionState:
         return frozenset(e.blob for e in self.entries)
 
     def has_blob(self, digest: str) -> bool:
-        """True if `digest` is stored: named by the index, or carried by the journal."""
-        return digest in self.journal_blobs or digest in self.blobs
+        """True if `digest` is stored: carried by the journal, or named by the index.
+
+        O(records since the checkpoint): a blob the checkpoint named is still stored if
+        one of its positions was not replaced by another blob.
+        """
+        if digest in self.journal_blobs:
+            return True
+        for pos in self.base_index.blob_positions.get(digest, ()):
+            r = self.replaced.get(pos)
+            if r is None or r.blob == digest:
+                return True
+        return any(e.blob == digest for e in self.appended) or any(
+            e.blob == digest for e in self.replaced.values()
+        )
 
     @property
     def agent_id(self) -> str | None:
@@ -292,7 +323,8 @@ class SessionState:
         if not isinstance(ops, list):
             raise JournalError(f"record {seq}: no ops")
         header = self.header
-        base, base_pos = self.base, self.base_pos
+        base, base_index = self.base, self.base_index
+        base_pos = base_index.positions
         replaced = dict(self.replaced)
         appended = list(self.appended)
         appended_pos = dict(self.appended_pos)
@@ -325,7 +357,8 @@ class SessionState:
                 if not isinstance(raw, list):
                     raise JournalError(f"record {seq}: bad loops op")
                 base = tuple(_entry(obj, seq) for obj in raw)
-                base_pos = _positions(base)
+                base_index = BaseIndex.of(base)
+                base_pos = base_index.positions
                 replaced, appended, appended_pos = {}, [], {}
             else:
                 raise JournalError(f"record {seq}: unknown op {kind!r}")
@@ -347,7 +380,7 @@ class SessionState:
             committed_at_ns=at_ns if isinstance(at_ns, int) else self.committed_at_ns,
             header=header,
             base=base,
-            base_pos=base_pos,
+            base_index=base_index,
             replaced=MappingProxyType(replaced),
             appended=tuple(appended),
             appended_pos=MappingProxyType(appended_pos),
@@ -371,14 +404,6 @@ def _entry(obj: object, seq: int) -> ondisk.LoopEntry:
         return ondisk.LoopEntry.from_json(obj)
     except ValueError as exc:
         raise JournalError(f"record {seq}: {exc}") from None
-
-
-def _positions(entries: Sequence[ondisk.LoopEntry]) -> Mapping[str, int]:
-    """loop_id -> position of its first occurrence."""
-    out: dict[str, int] = {}
-    for i, e in enumerate(entries):
-        out.setdefault(e.loop_id, i)
-    return MappingProxyType(out)
 
 
 # --------------------------------------------------------------------------- building

@@ -40,6 +40,7 @@ import pydantic
 
 from loopstore import _lossless, errors, faults, journal, ondisk
 from loopstore.backend import Backend, SessionHandle
+from loopstore.catalog import Catalog, CatalogUnusable, Summary
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -477,6 +478,8 @@ class SessionStore:
         `Backend.create` (its directory, or its objects, appear at once).
         """
         at_ns = time.time_ns()
+        if self._backend.catalog is not None:
+            self._backend.catalog.mark(session_id)
         if r is None:
             base = change.base
             frame = journal.record_bytes(base, change, at_ns)
@@ -829,6 +832,8 @@ class SessionStore:
         with self._held(session_id):
             if not self._backend.has_manifest(session_id):
                 raise SessionNotFound(session_id, path=self._path(session_id))
+            if self._backend.catalog is not None:
+                self._backend.catalog.mark(session_id)
             self._backend.delete(session_id)
             self._cache.pop(session_id, None)
 
@@ -900,25 +905,102 @@ class SessionStore:
     def session_info(self, session_id: str) -> SessionInfo:
         return SessionInfo.from_state(self.session_state(session_id))
 
-    def _infos(self, on_error: Callable[[SessionError], None] | None) -> Iterator[SessionInfo]:
-        for sid in sorted(self._backend.list_sessions()):
-            try:
-                yield self.session_info(sid)
-            except SessionNotFound:
-                continue
-            except SessionError as exc:
-                if on_error is None:
-                    raise
-                on_error(exc)
+    # -- listings (the catalog) --------------------------------------------------------
 
-    def iter_manifests(
-        self, *, on_error: Callable[[SessionError], None] | None = None
-    ) -> Iterator[SessionInfo]:
-        """Every session's summary, most recently active first (no loop decoded).
+    def _summary(self, session_id: str) -> Summary | SessionError | None:
+        """A session's catalog summary from its durable state (None: gone; or its error)."""
+        try:
+            state = self.session_state(session_id)
+        except SessionNotFound:
+            return None
+        except SessionError as exc:
+            return exc
+        return Summary.of(state)
 
-        A session that cannot be read raises, or is passed to `on_error` if given.
+    def _refresh(self, catalog: Catalog, session_id: str) -> None:
+        """Bring a marked session's row up to date; unmark it only under its lock."""
+        locks = self._backend.locks
+        try:
+            owner = locks.try_acquire(session_id)
+        except SessionError:
+            owner = None
+        try:
+            catalog.put(self._summary(session_id), session_id)
+            if owner is not None:
+                catalog.unmark(session_id)
+        finally:
+            if owner is not None:
+                locks.release(session_id, owner)
+
+    def reindex(self, *, progress: ProgressFn | None = None) -> int:
+        """Rebuild the listing catalog from the sessions; returns how many it lists.
+
+        Listings do this on their own when the catalog is missing, damaged or from an
+        earlier boot; `loopstore reindex` runs it on demand.
         """
-        yield from sorted(self._infos(on_error), key=_recency_key, reverse=True)
+        catalog = self._backend.catalog
+        ids = sorted(self._backend.list_sessions())
+        if catalog is None:
+            return len(ids)
+        catalog.rebuild(lambda: ((sid, self._summary(sid)) for sid in ids), len(ids), progress)
+        for sid in catalog.marked():
+            self._refresh(catalog, sid)
+        return len(catalog.ids())
+
+    def _catalog(self, progress: ProgressFn | None = None) -> Catalog | None:
+        """The catalog, current: rebuilt if unusable, marked sessions refreshed."""
+        catalog = self._backend.catalog
+        if catalog is None:
+            return None
+        for attempt in range(2):
+            try:
+                if not catalog.usable():
+                    self.reindex(progress=progress)
+                for sid in catalog.marked():
+                    self._refresh(catalog, sid)
+                return catalog
+            except CatalogUnusable:
+                if attempt:
+                    raise
+                catalog.close()
+                self.reindex(progress=progress)
+        return catalog
+
+    def sessions(
+        self,
+        *,
+        agent_id: str | None = None,
+        order: str = "active",
+        limit: int | None = None,
+        reverse: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> list[Summary]:
+        """Session summaries from the catalog (no session read), sorted by `order`
+        (`catalog.ORDERS`: active, created, size, loops, id, agent)."""
+        catalog = self._catalog(progress)
+        if catalog is None:
+            rows = [Summary.of(self.session_state(sid)) for sid in self._readable_ids()]
+            return _sort_summaries(rows, agent_id, order, limit, reverse)
+        return catalog.rows(agent_id=agent_id, order=order, limit=limit, reverse=reverse)
+
+    def damaged_sessions(self) -> list[tuple[str, str]]:
+        """(session_id, cause) of sessions the listing could not read."""
+        catalog = self._catalog()
+        if catalog is None:
+            out: list[tuple[str, str]] = []
+            for sid in sorted(self._backend.list_sessions()):
+                item = self._summary(sid)
+                if isinstance(item, SessionError):
+                    out.append((sid, item.cause))
+            return out
+        return catalog.damaged()
+
+    def _readable_ids(self) -> list[str]:
+        return [
+            sid
+            for sid in sorted(self._backend.list_sessions())
+            if isinstance(self._summary(sid), Summary)
+        ]
 
     def list_ids(self) -> list[str]:
         """Every stored session, most recently active first.
@@ -926,29 +1008,21 @@ class SessionStore:
         Order: header `last_active_at` descending, then last commit time descending.
         A session that cannot be read is listed last (load() will report it).
         """
-        damaged: list[str] = []
-
-        def note(err: SessionError) -> None:
-            if err.session_id is not None:
-                damaged.append(err.session_id)
-
-        infos = list(self.iter_manifests(on_error=note))
-        return [i.session_id for i in infos] + sorted(damaged)
+        damaged = [sid for sid, _cause in self.damaged_sessions()]
+        return [s.session_id for s in self.sessions()] + damaged
 
     def list_for_agent(self, agent_id: str) -> list[Session]:
-        """Sessions of `agent_id`, most recent first; other agents' loops are never read."""
+        """Sessions of `agent_id`, most recent first; other agents' loops are never read.
+
+        A session that cannot be read fails the listing if it may be this agent's.
+        """
+        for sid, cause in self.damaged_sessions():
+            if self._salvage_agent(sid) in (agent_id, None):
+                raise CorruptSession(sid, cause, path=self._path(sid))
         out: list[Session] = []
-
-        def damaged(err: SessionError) -> None:
-            # A damaged session fails the listing only if it may be this agent's.
-            if err.session_id is None or self._salvage_agent(err.session_id) in (agent_id, None):
-                raise err
-
-        for info in self.iter_manifests(on_error=damaged):
-            if info.agent_id != agent_id:
-                continue
+        for row in self.sessions(agent_id=agent_id):
             try:
-                out.append(self.load(info.session_id))
+                out.append(self.load(row.session_id))
             except SessionNotFound:
                 continue
         return out
@@ -1025,6 +1099,16 @@ class SessionStore:
         from loopstore.backup import backup
 
         return backup(self, dest, prune=prune, progress=progress, link=link)
+
+
+def _sort_summaries(
+    rows: list[Summary], agent_id: str | None, order: str, limit: int | None, reverse: bool
+) -> list[Summary]:
+    """What `Catalog.rows` answers, for a store without a catalog."""
+    if agent_id is not None:
+        rows = [r for r in rows if r.agent_id == agent_id]
+    rows.sort(key=lambda r: r.sort_key(order), reverse=reverse)
+    return rows if limit is None else rows[:limit]
 
 
 def _recency_key(info: SessionInfo) -> tuple[int, int]:
