@@ -8,7 +8,6 @@ validated so no file is ever created outside `dir`.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Final
@@ -23,8 +22,12 @@ LEGACY_SUFFIX: Final = ".json"
 
 
 def legacy_bytes(session: Session) -> bytes:
-    """phi-core's exact bytes: serde_json pretty (2 spaces), raw UTF-8, no final newline."""
-    return json.dumps(session.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
+    """phi-core's exact bytes: serde_json pretty (2 spaces), raw UTF-8, no final newline.
+
+    pydantic-core writes floats as serde_json does (ryu), so this matches phi-core more
+    closely than `json.dumps` would.
+    """
+    return session.model_dump_json(indent=ondisk.JSON_INDENT).encode()
 
 
 def legacy_path(session_id: str, directory: Path) -> Path:
@@ -33,14 +36,17 @@ def legacy_path(session_id: str, directory: Path) -> Path:
 
 def save_session(session: Session, dir: Path) -> Path:
     """Write `{dir}/{session_id}.json` atomically; returns the path."""
-    directory = Path(dir)
-    path = legacy_path(session.session_id, directory)
-    data = legacy_bytes(session)
+    return write_session_file(session.session_id, legacy_bytes(session), Path(dir))
+
+
+def write_session_file(session_id: str, data: bytes, directory: Path) -> Path:
+    """Write a session file's bytes atomically (tmp, fsync, rename, fsync dir)."""
+    path = legacy_path(session_id, directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         atomic.atomic_write_path(path, data, point="staging", tmp_prefix=path.name)
     except OSError as exc:
-        raise storage_error(session.session_id, "write session file", path, exc) from exc
+        raise storage_error(session_id, "write session file", path, exc) from exc
     return path
 
 
@@ -117,4 +123,5 @@ __all__ = [
     "load_session",
     "load_sessions_for_agent",
     "save_session",
+    "write_session_file",
 ]

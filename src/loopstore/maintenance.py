@@ -28,6 +28,7 @@ from loopstore.reports import (
     GcReport,
     ImportFailure,
     ImportReport,
+    MigrateReport,
     Orphan,
     Problem,
     StoreStats,
@@ -350,6 +351,32 @@ def stats(store: SessionStore, *, progress: ProgressFn | None = None) -> StoreSt
     return st
 
 
+# --------------------------------------------------------------------------- migrate
+
+
+def migrate(store: SessionStore, *, progress: ProgressFn | None = None) -> MigrateReport:
+    """Upgrade every format v1 session to v2 now (writers do it on a session's first
+    write anyway). Each is one checkpoint under its lock; a session that cannot be
+    read is reported and left as it is."""
+    report = MigrateReport()
+    ids = sorted(store.backend.list_sessions())
+    for done, sid in enumerate(ids, 1):
+        report.sessions += 1
+        try:
+            if store.session_state(sid).checkpoint_version < ondisk.FORMAT_VERSION:
+                store.checkpoint(sid)
+                report.upgraded += 1
+            else:
+                report.current += 1
+        except SessionNotFound:
+            report.sessions -= 1
+        except SessionError as exc:
+            report.problems.append(_problem(exc, sid))
+        if progress is not None:
+            progress(done, len(ids))
+    return report
+
+
 # --------------------------------------------------------------------------- legacy import
 
 
@@ -433,4 +460,4 @@ def _import_one(store: SessionStore, session: Session, overwrite: bool) -> str:
         return store._save(session)
 
 
-__all__ = ["gc", "grace_seconds", "import_legacy", "stats", "verify"]
+__all__ = ["gc", "grace_seconds", "import_legacy", "migrate", "stats", "verify"]

@@ -30,6 +30,7 @@ from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any, Final
 
+import pydantic_core
 import xxhash
 import zstandard
 
@@ -64,6 +65,10 @@ CATALOG_NAME: Final = "catalog.sqlite"
 MAX_SESSION_ID_BYTES: Final = 200
 #: Session ids name directories; 200 bytes leaves room for suffixes within NAME_MAX (255).
 HASH_HEX_CHARS: Final = 32
+JSON_INDENT: Final = 2
+#: Blobs hold each loop exactly as phi-core's pretty JSON has it (2-space indent, at the
+#: loop's own level): a session's file is then its blobs spliced into its header, with
+#: no parsing, and `cat`, `export-legacy` and `load_json` cost what reading them costs.
 DEFAULT_COMPRESSION_LEVEL: Final = 3
 #: zstd level 3 compresses loop JSON ~20-30x at ~1 GB/s on one core; higher levels cost
 #: several times the CPU for a few percent.
@@ -714,6 +719,37 @@ def decode_manifest(
         version,
         MappingProxyType(extra),
     )
+
+
+# --------------------------------------------------------------------------- session JSON
+
+
+def pretty_loop(raw: bytes) -> bytes:
+    """A loop blob's JSON in phi-core's pretty form (format v1 blobs were compact)."""
+    if raw.startswith(b"{\n") or raw == b"{}":
+        return raw
+    return pydantic_core.to_json(json.loads(raw), indent=JSON_INDENT)
+
+
+_LOOPS_PLACEHOLDER = b'\n  "loops": []'
+
+
+def session_json(header: Mapping[str, Any], declared: list[str], loops: list[bytes]) -> bytes:
+    """phi-core's file for a session: its header with `loops` (pretty blobs) spliced in.
+
+    `declared` is the Session model's field order: `loops` goes after the declared
+    fields and before keys the model does not know, as the model would write it. The
+    loops are indented one level more; JSON strings hold no raw newline, so that is a
+    plain replace.
+    """
+    ordered: dict[str, Any] = {k: header[k] for k in declared if k in header}
+    ordered["loops"] = []
+    ordered.update((k, v) for k, v in header.items() if k not in ordered)
+    head = pydantic_core.to_json(ordered, indent=JSON_INDENT)
+    if not loops:
+        return head
+    body = b",\n    ".join(pretty_loop(raw).replace(b"\n", b"\n    ") for raw in loops)
+    return head.replace(_LOOPS_PLACEHOLDER, b'\n  "loops": [\n    ' + body + b"\n  ]", 1)
 
 
 # --------------------------------------------------------------------------- time

@@ -129,6 +129,20 @@ class ImportReport:
 
 
 @dataclass
+class MigrateReport:
+    """`loopstore migrate`: sessions upgraded from format v1 to v2 (folded as v2)."""
+
+    sessions: int = 0
+    upgraded: int = 0
+    current: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass
 class StoreStats:
     """Store-wide counts. `damaged` sessions (unreadable) are counted apart, by name."""
 

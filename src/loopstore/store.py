@@ -132,7 +132,7 @@ class _Dumped:
 def _dump_loop(loop: LoopRecord) -> _Dumped:
     if not isinstance(loop, LoopRecord):
         loop = LoopRecord.model_validate(loop)
-    raw = loop.model_dump_json().encode()
+    raw = loop.model_dump_json(indent=ondisk.JSON_INDENT).encode()
     status = loop.status
     return _Dumped(
         loop_id=loop.loop_id,
@@ -873,10 +873,44 @@ class SessionStore:
         r, raws = self._snapshot(session_id, lambda s: s.entries)
         return self._session_from(r.state, raws)
 
-    def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
-        """One loop, decoding only its blob."""
+    def load_json(self, session_id: str) -> bytes:
+        """The session as phi-core's file (pretty JSON, byte for byte), with no model
+        built: its blobs spliced into its header."""
         session_id = ondisk.validate_session_id(session_id)
+        r, raws = self._snapshot(session_id, lambda s: s.entries)
+        return ondisk.session_json(r.state.header, _SESSION_FIELDS, raws)
 
+    def iter_loop_json(self, session_id: str) -> Iterator[bytes]:
+        """Each loop's JSON (phi-core's pretty form), in order, one blob read at a time.
+
+        The loops are those of the state the first step reads; blobs are immutable, so
+        later commits do not change what this yields (a gc that removes a replaced
+        loop's blob before it is read, within its grace period, cannot happen).
+        """
+        session_id = ondisk.validate_session_id(session_id)
+        with self._backend.session(session_id) as h:
+            r = self._read_durable(h) if h is not None else None
+            if h is None or r is None:
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            for entry in r.state.entries:
+                raws = self._raws(h, r, (entry,))
+                if isinstance(raws, ondisk.LoopEntry):
+                    raise CorruptSession(
+                        session_id,
+                        f"the blob of loop {entry.loop_id!r} vanished while it was read",
+                        path=self._path(session_id),
+                    )
+                yield ondisk.pretty_loop(raws[0])
+
+    def load_loop_json(self, session_id: str, loop_id: str) -> bytes:
+        """One loop's JSON (phi-core's pretty form) without building its model."""
+        session_id = ondisk.validate_session_id(session_id)
+        _r, raws = self._snapshot(session_id, self._pick_loop(session_id, loop_id))
+        return ondisk.pretty_loop(raws[0])
+
+    def _pick_loop(
+        self, session_id: str, loop_id: str
+    ) -> Callable[[SessionState], Sequence[ondisk.LoopEntry]]:
         def pick(s: SessionState) -> Sequence[ondisk.LoopEntry]:
             entry = s.entry(loop_id)
             if entry is None:
@@ -885,7 +919,12 @@ class SessionStore:
                 )
             return (entry,)
 
-        _r, raws = self._snapshot(session_id, pick)
+        return pick
+
+    def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
+        """One loop, decoding only its blob."""
+        session_id = ondisk.validate_session_id(session_id)
+        _r, raws = self._snapshot(session_id, self._pick_loop(session_id, loop_id))
         try:
             return decode_loops(raws)[0]
         except pydantic.ValidationError as exc:
@@ -1085,7 +1124,7 @@ class SessionStore:
         """Write `{directory}/{session_id}.json` with phi-core's exact bytes."""
         from loopstore import legacy
 
-        return legacy.save_session(self.load(session_id), Path(directory))
+        return legacy.write_session_file(session_id, self.load_json(session_id), Path(directory))
 
     def backup(
         self,
@@ -1109,6 +1148,10 @@ def _sort_summaries(
         rows = [r for r in rows if r.agent_id == agent_id]
     rows.sort(key=lambda r: r.sort_key(order), reverse=reverse)
     return rows if limit is None else rows[:limit]
+
+
+_SESSION_FIELDS: Final = list(Session.model_fields)
+#: The Session model's field order: `loops` is spliced in after these (session_json).
 
 
 def _recency_key(info: SessionInfo) -> tuple[int, int]:
