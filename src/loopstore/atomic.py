@@ -12,7 +12,9 @@ whole-file read goes through `read_file`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 import secrets
 import threading
 from pathlib import Path
@@ -64,8 +66,16 @@ def rename(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
 
 
 def open_dir(name: str | Path, dir_fd: int | None = None) -> int:
-    """Open a directory without following a symlink at its last component."""
-    return os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+    """Open a directory without following a symlink at its last component.
+
+    A symlink there fails with ELOOP (Linux says ENOTDIR: the error is made to say why).
+    """
+    try:
+        return os.open(name, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+    except NotADirectoryError:
+        if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(name)) from None
+        raise
 
 
 def open_file(name: str, dir_fd: int, *, write: bool = False, create: bool = False) -> int:

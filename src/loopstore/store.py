@@ -56,6 +56,7 @@ from loopstore.models import LoopRecord, Session, SessionFormation
 from loopstore.reports import (
     GcReport,
     ImportReport,
+    MigrateReport,
     SessionInfo,
     StoreStats,
     VerifyReport,
@@ -1107,6 +1108,12 @@ class SessionStore:
         from loopstore import maintenance
 
         return maintenance.stats(self)
+
+    def migrate(self, *, progress: ProgressFn | None = None) -> MigrateReport:
+        """Upgrade every format v1 session to v2 now (loopstore.maintenance.migrate)."""
+        from loopstore import maintenance
+
+        return maintenance.migrate(self, progress=progress)
 
     def import_legacy(
         self,

@@ -1,0 +1,128 @@
+"""Store-wide maintenance: format v1 stores read, upgraded per session or all at once
+(migrate), and every store-wide operation carrying on past a session it cannot read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from helpers import FIXTURES_DIR, fixture_paths, load_fixture, make_loop
+from loopstore import legacy
+from loopstore.errors import CorruptSession
+from loopstore.store import FileSystemSessionStore
+
+V1_STORE = FIXTURES_DIR.parent / "v1-store"
+"""A store written by loopstore 0.1 (format v1): the 3 phi-core fixtures and a session
+with appends and a loop replaced in place (so one orphan blob)."""
+
+
+@pytest.fixture
+def v1_root(tmp_path: Path) -> Path:
+    root = tmp_path / "v1"
+    shutil.copytree(V1_STORE, root)
+    return root
+
+
+def _manifest_version(root: Path, sid: str) -> int:
+    version = json.loads((root / "sessions" / sid / "manifest.json").read_bytes())["version"]
+    assert isinstance(version, int)
+    return version
+
+
+def test_a_v1_store_reads_unchanged(v1_root: Path) -> None:
+    store = FileSystemSessionStore(v1_root, durable=False)
+    marker = json.loads((v1_root / "loopstore.json").read_text())
+    # Opening upgrades the marker: a v1-only loopstore now refuses the store (it checks
+    # the marker's version) instead of misreading sessions that have a journal.
+    assert marker["version"] == 2
+    for path in fixture_paths():
+        sid = path.stem
+        assert store.load_json(sid) == path.read_bytes()
+        assert store.load(sid).model_dump_json() == load_fixture(path).model_dump_json()
+        assert _manifest_version(v1_root, sid) == 1  # reading rewrote nothing
+    s = store.load("v1-appended")
+    assert [lp.loop_id for lp in s.loops] == [f"v1-appended.test.{i}" for i in range(1, 6)]
+    assert s.loops[1].status == "Failed"
+    report = store.verify()
+    assert report.ok
+    assert [o.kind for o in report.orphans] == ["orphan_blob"]
+    assert store.list_ids()[0] == "0b6f1d3e-0006-4a7c-9e21-5c3a7f9b1d06"
+
+
+def test_a_v1_session_is_upgraded_on_its_first_write(v1_root: Path) -> None:
+    store = FileSystemSessionStore(v1_root, durable=True)
+    before = store.load("v1-appended")
+    store.append_loop("v1-appended", make_loop("v1-appended", 5))
+    assert _manifest_version(v1_root, "v1-appended") == 2
+    after = store.load("v1-appended")
+    assert [lp.loop_id for lp in after.loops[:-1]] == [lp.loop_id for lp in before.loops]
+    assert after.loops[-1].loop_id == "v1-appended.test.6"
+    # The other sessions stay v1 until written.
+    assert _manifest_version(v1_root, "0b6f1d3e-0002-4a7c-9e21-5c3a7f9b1d02") == 1
+    assert store.verify().ok
+    fresh = FileSystemSessionStore(v1_root, durable=False)
+    assert fresh.load("v1-appended").model_dump_json() == after.model_dump_json()
+
+
+def test_migrate_upgrades_every_session_and_reports_a_broken_one(v1_root: Path) -> None:
+    broken = v1_root / "sessions" / "0b6f1d3e-0005-4a7c-9e21-5c3a7f9b1d05" / "manifest.json"
+    broken.write_bytes(broken.read_bytes()[:-20])
+    store = FileSystemSessionStore(v1_root, durable=False)
+    seen: list[tuple[int, int]] = []
+    report = store.migrate(progress=lambda d, t: seen.append((d, t)))
+    assert (report.sessions, report.upgraded, report.current) == (4, 3, 0)
+    assert [p.session_id for p in report.problems] == ["0b6f1d3e-0005-4a7c-9e21-5c3a7f9b1d05"]
+    assert not report.ok
+    assert seen[-1] == (4, 4)
+    for sid in ("0b6f1d3e-0002-4a7c-9e21-5c3a7f9b1d02", "v1-appended"):
+        assert _manifest_version(v1_root, sid) == 2
+    again = store.migrate()
+    assert (again.upgraded, again.current) == (0, 3)
+    path = FIXTURES_DIR / "0b6f1d3e-0002-4a7c-9e21-5c3a7f9b1d02.json"
+    assert store.load_json(path.stem) == path.read_bytes()
+
+
+def test_store_wide_operations_carry_on_past_an_unreadable_session(tmp_path: Path) -> None:
+    store = FileSystemSessionStore(tmp_path / "s", durable=False)
+    for path in fixture_paths():
+        store.save(load_fixture(path))
+        store.checkpoint(path.stem)
+    victim = "0b6f1d3e-0005-4a7c-9e21-5c3a7f9b1d05"
+    loops = tmp_path / "s" / "sessions" / victim / "loops"
+    outside = tmp_path / "outside"
+    shutil.move(loops, outside)
+    loops.symlink_to(outside, target_is_directory=True)
+    others = sorted(p.stem for p in fixture_paths() if p.stem != victim)
+
+    report = store.verify()
+    assert [p.session_id for p in report.problems] == [victim]
+    assert "symlink" in report.problems[0].detail
+    assert report.sessions_checked == 3
+
+    stats = store.stats()
+    assert stats.damaged == 1 and stats.sessions == 2
+    assert [p.session_id for p in stats.problems] == [victim]
+
+    gc = store.gc(grace=0)
+    assert [p.session_id for p in gc.problems] == [victim]
+    assert gc.sessions_scanned == 3
+
+    out = tmp_path / "export"
+    exported = []
+    for sid in sorted(p.stem for p in fixture_paths()):
+        try:
+            exported.append(store.export_legacy(sid, out).stem)
+        except CorruptSession:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the error kind is asserted below
+            assert "symlink" in str(exc)
+    assert exported == others
+    assert sorted(legacy.list_session_ids(out)) == others
+
+    backup = store.backup(tmp_path / "backup")
+    assert [f.session_id for f in backup.failed] == [victim]
+    assert backup.sessions == 2
+    assert sorted(FileSystemSessionStore(tmp_path / "backup").list_ids()) == others
