@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loopstore.models import LoopRecord, Session, format_timestamp
+from loopstore.ondisk import JSON_INDENT, EncodedBlob, encode_blob
 
 if TYPE_CHECKING:
     from loopstore.store import FileSystemSessionStore
@@ -19,6 +20,11 @@ FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "phi-core"
 
 _BASE_TIME = datetime(2025, 6, 1, 10, 0, 0, tzinfo=timezone.utc)
 _LOOP_SPACING = timedelta(minutes=5)
+
+
+def loop_blob(loop: LoopRecord, level: int = 3) -> EncodedBlob:
+    """The blob the store writes for `loop` (its pretty JSON, zstd at `level`)."""
+    return encode_blob(loop.model_dump_json(indent=JSON_INDENT).encode(), level)
 
 
 def fixture_paths() -> list[Path]:

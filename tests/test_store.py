@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import lock_held_in_thread, make_loop, make_session
+from helpers import lock_held_in_thread, loop_blob, make_loop, make_session
 from loopstore import ondisk
+from loopstore.aio import AsyncFileSystemSessionStore
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -19,7 +20,6 @@ from loopstore.errors import (
     SessionNotFound,
     UnsupportedFormat,
 )
-from loopstore.aio import AsyncFileSystemSessionStore
 from loopstore.store import FileSystemSessionStore
 
 
@@ -54,7 +54,7 @@ def test_layout_and_round_trip(tmp_path: Path) -> None:
     blobs = _blobs(store, "s1")  # folded: the journal's blobs become files
     assert sorted(p.name for p in sdir.iterdir()) == ["journal-1.log", "loops", "manifest.json"]
     assert len(blobs) == 3
-    expected = sorted(ondisk.digest(lp.model_dump_json().encode()) + ".zst" for lp in s.loops)
+    expected = sorted(loop_blob(lp).name for lp in s.loops)
     assert [p.name for p in blobs] == expected
     assert not list((root / "tmp").iterdir())
     back = store.load("s1")
@@ -76,7 +76,7 @@ def test_save_writes_only_new_blobs_and_bumps_generation(store: FileSystemSessio
     store.save(s)
     info = store.session_info("g")
     assert info.generation == 2 and info.loop_count == 4 and info.journal_records == 1
-    new_blob = ondisk.encode_blob(s.loops[-1].model_dump_json().encode()).data
+    new_blob = loop_blob(s.loops[-1]).data
     # The record carries the one new blob, not the three stored ones.
     assert before < journal.stat().st_size < before + len(new_blob) + 2000
     after = {p.name: p.stat().st_mtime_ns for p in _blobs(store, "g")}
@@ -117,7 +117,7 @@ def test_append_loop_adds_replaces_and_creates(store: FileSystemSessionStore) ->
     with pytest.raises(ValueError):
         store.append_loop("b", make_loop("b", 0), session=make_session("other", 0))
     # A loop of another session is refused, naming both ids.
-    with pytest.raises(InvalidSessionId, match="'b'.*'a'|'a'.*'b'"):
+    with pytest.raises(InvalidSessionId, match=r"'b'.*'a'|'a'.*'b'"):
         store.append_loop("a", make_loop("b", 5))
     assert not store.exists("b")
 
@@ -516,7 +516,7 @@ def test_appends_waiting_for_the_lock_are_committed_together(tmp_path: Path) -> 
     def append(i: int) -> None:
         try:
             store.append_loop("gc", loops[i])
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with lock_held_in_thread(store, "gc") as release:
@@ -554,7 +554,7 @@ def test_torn_blob_under_its_final_name_is_replaced_not_trusted(
     store.save(make_session("torn", 1))
     store.checkpoint("torn")
     loop = make_loop("torn", 1)
-    good = ondisk.encode_blob(loop.model_dump_json().encode(), store.compression_level)
+    good = loop_blob(loop, store.compression_level)
     path = store.root / "sessions" / "torn" / "loops" / good.name
     half = good.stored_size // 2
     path.write_bytes(good.data[:half] + b"\0" * (good.stored_size - half))  # torn tail
@@ -578,8 +578,8 @@ def test_existing_blob_file_with_other_bytes_is_replaced_by_ours(tmp_path: Path)
     store.save(make_session("lv", 1))
     store.checkpoint("lv")
     loop = make_loop("lv", 1)
-    other = ondisk.encode_blob(loop.model_dump_json().encode(), 19)
-    ours = ondisk.encode_blob(loop.model_dump_json().encode(), 3)
+    other = loop_blob(loop, 19)
+    ours = loop_blob(loop, 3)
     path = store.root / "sessions" / "lv" / "loops" / other.name
     path.write_bytes(other.data)
     store.append_loop("lv", loop)

@@ -101,6 +101,8 @@ class Backend(Protocol):
     locks: LockManager
     format_version: int
     catalog: Catalog | None
+    handoff: bool
+    #: whether waiting appends can be handed to the lock holder (group commit)
 
     @property
     def location(self) -> str: ...

@@ -403,6 +403,7 @@ class FileSystemBackend:
     """The store's storage on a local directory (format v2 layout, `loopstore.ondisk`)."""
 
     scheme: Final = "file"
+    handoff: Final = True
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import threading
 import time
@@ -34,12 +35,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import pydantic
 
 from loopstore import _lossless, errors, faults, journal, ondisk
-from loopstore.backend import Backend, SessionHandle
+from loopstore.backend import Backend, CommitConflict, SessionHandle
 from loopstore.catalog import Catalog, CatalogUnusable, Summary
 from loopstore.errors import (
     CorruptSession,
@@ -82,11 +83,16 @@ HANDOFF_MAX_POLL_S: Final = 0.002
 #: to every 2 ms: a holder's round takes about a millisecond.
 HANDOFF_BATCH_BYTES: Final = 8 << 20
 #: A holder claims waiting appends up to about this many bytes per record.
+CONFLICT_FIRST_BACKOFF_S: Final = 0.002
+CONFLICT_MAX_BACKOFF_S: Final = 0.1
+#: After losing a compare-and-swap (object stores) a writer waits a random time up to
+#: this, doubling, before it re-reads: racing writers spread out instead of colliding.
 HANDOFF_STALE_S: Final = 3600.0
 #: Hand-off files this old belong to a killed waiter (a live one waits lock_timeout at
 #: most before it withdraws): verify lists them and gc removes them, whatever the grace.
 
 ProgressFn = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -219,6 +225,8 @@ class StateRead:
     sealed: bool
     tail: bytes
     torn: int = 0
+    folded: bool = False
+    #: this read upgraded a v1 checkpoint (a fold happened on the way)
 
 
 # --------------------------------------------------------------------------- store
@@ -467,7 +475,7 @@ class SessionStore:
             return None
         r = self.read_state(h)
         if r is not None and r.state.checkpoint_version < ondisk.FORMAT_VERSION:
-            r = self._fold(h, r)
+            r = replace(self._fold(h, r), folded=True)
         return r
 
     def _commit(
@@ -510,8 +518,8 @@ class SessionStore:
             FOLD_MIN_BYTES, s.checkpoint_bytes
         ):
             return
-        with self._backend.session(session_id) as h:
-            if h is not None:
+        with self._backend.session(session_id) as h, contextlib.suppress(CommitConflict):
+            if h is not None:  # a lost race means another writer folded: as good
                 self._fold(h, r)
 
     def _fold(self, h: SessionHandle, r: StateRead) -> StateRead:
@@ -632,10 +640,12 @@ class SessionStore:
         """The holder's round: resolve dead holders' claims, claim waiting appends,
         commit them with our own as one record, post every outcome, maybe fold."""
         b = self._backend
-        with b.session(session_id) as h:
-            r = self._read_for_write(h)
+        claimed: list[Item] = []
+        done: list[str] = []
+        if b.handoff:
+            with b.session(session_id) as h:
+                r = self._read_for_write(h)
             known = r.state.commit_ids if r is not None else frozenset()
-            done: list[str] = []
             for data in b.orphaned_claims(session_id):
                 orphan = Item.decode(data)
                 if orphan is None:
@@ -649,8 +659,12 @@ class SessionStore:
                 for it in map(Item.decode, b.claim(session_id, HANDOFF_BATCH_BYTES))
                 if it is not None
             ]
-            items = ([own] if own is not None else []) + claimed
-            refused: dict[str, SessionError] = {}
+        items = ([own] if own is not None else []) + claimed
+        refused: dict[str, SessionError] = {}
+
+        def attempt(h: SessionHandle | None, r: StateRead | None) -> StateRead | None:
+            refused.clear()
+            todo = items
             if r is None:
                 # The first item whose session= header names this session creates it; a
                 # header for another session before it is refused (later ones are ignored).
@@ -661,27 +675,52 @@ class SessionStore:
                     refused[it.token] = InvalidSessionId(
                         session_id, f"session= describes session {named!r}"
                     )
-                items = [it for it in items if it.token not in refused]
-            try:
-                if items:
-                    r = self._commit_items(session_id, h, r, items)
-                else:
-                    self._settle(h, r)
-            except SessionError as exc:
-                for it in claimed:
-                    b.post_outcome(session_id, it.token, _encode_error(refused.get(it.token, exc)))
-                for token in done:
-                    b.post_outcome(session_id, token, b"")
-                raise
+                todo = [it for it in items if it.token not in refused]
+            if todo:
+                return self._commit_items(session_id, h, r, todo)
+            self._settle(h, r)
+            return r
+
+        try:
+            r = self._retry(session_id, attempt)
+        except SessionError as exc:
+            for it in claimed:
+                b.post_outcome(session_id, it.token, _encode_error(refused.get(it.token, exc)))
             for token in done:
                 b.post_outcome(session_id, token, b"")
-            for it in claimed:
-                err = refused.get(it.token)
-                b.post_outcome(session_id, it.token, _encode_error(err) if err else b"")
+            raise
+        for token in done:
+            b.post_outcome(session_id, token, b"")
+        for it in claimed:
+            err = refused.get(it.token)
+            b.post_outcome(session_id, it.token, _encode_error(err) if err else b"")
         if own is not None and own.token in refused:
             raise refused[own.token]
         if r is not None:
             self._maybe_fold(session_id, r)
+
+    def _retry(
+        self,
+        session_id: str,
+        attempt: Callable[[SessionHandle | None, StateRead | None], T],
+    ) -> T:
+        """Run a write on a fresh state until it commits: once on a filesystem (the lock
+        excludes other writers); on an object store, again after every compare-and-swap
+        lost to another writer, until lock_timeout is spent (then SessionLocked)."""
+        deadline = time.monotonic() + self._backend.locks.timeout
+        delay = CONFLICT_FIRST_BACKOFF_S
+        while True:
+            with self._backend.session(session_id) as h:
+                try:
+                    return attempt(h, self._read_for_write(h))
+                except CommitConflict:
+                    self._cache.pop(session_id, None)
+            if time.monotonic() >= deadline:
+                raise self._backend.locks.locked_error(
+                    session_id, "other writers kept committing first"
+                )
+            time.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, CONFLICT_MAX_BACKOFF_S)
 
     def _commit_items(
         self, session_id: str, h: SessionHandle | None, r: StateRead | None, items: Sequence[Item]
@@ -739,17 +778,15 @@ class SessionStore:
             except SessionError:
                 guess = None
         _entries, precompressed = self._plan_loops(dumped, guess.state if guess else None)
-        with self._held(session_id), self._backend.session(session_id) as h:
-            r = self._read_for_write(h)
+
+        def attempt(h: SessionHandle | None, r: StateRead | None) -> tuple[str, StateRead]:
             entries, blobs = self._plan_loops(dumped, r.state if r else None)
             for digest, blob in precompressed.items():
                 blobs.setdefault(digest, blob)
             if r is None:
                 change = Change(SessionState.new(session_id, header))
                 change.set_loops(entries, blobs)
-                r = self._commit(session_id, h, None, change)
-                self._maybe_fold(session_id, r)
-                return "created"
+                return "created", self._commit(session_id, h, None, change)
             change = Change(r.state)
             change.set_header(header)
             repair = self._damaged_blobs(h, r, entries)
@@ -760,10 +797,14 @@ class SessionStore:
             change.set_loops(entries, blobs, repair=repair)
             if change.empty:
                 self._settle(h, r)
-                return "unchanged"
-            r = self._commit(session_id, h, r, change)
-        self._maybe_fold(session_id, r)
-        return "updated"
+                return "unchanged", r
+            return "updated", self._commit(session_id, h, r, change)
+
+        with self._held(session_id):
+            outcome, r = self._retry(session_id, attempt)
+            if outcome != "unchanged":
+                self._maybe_fold(session_id, r)
+        return outcome
 
     def _damaged_blobs(
         self, h: SessionHandle | None, r: StateRead, entries: Sequence[ondisk.LoopEntry]
@@ -792,14 +833,18 @@ class SessionStore:
         self._save(session)
 
     def update(self, session_id: str, fn: Callable[[Session], Session | None]) -> Session:
-        """Read-modify-write under the session lock: no lost updates."""
+        """Read-modify-write under the session lock: no lost updates.
+
+        On an object store there is no lock: `fn` runs on the latest state and its
+        result commits by compare-and-swap; when another writer committed first, `fn`
+        runs again on the newer state.
+        """
         session_id = ondisk.validate_session_id(session_id)
-        with self._held(session_id):
-            with self._backend.session(session_id) as h:
-                r = self._read_for_write(h)
-                if h is None or r is None:
-                    raise SessionNotFound(session_id, path=self._path(session_id))
-                r, raws = self._snapshot(session_id, lambda s: s.entries, h=h)
+
+        def attempt(h: SessionHandle | None, r: StateRead | None) -> tuple[Session, StateRead]:
+            if h is None or r is None:
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            r, raws = self._snapshot(session_id, lambda s: s.entries, h=h)
             session = self._session_from(r.state, raws)
             result = fn(session)
             new = session if result is None else result
@@ -809,22 +854,22 @@ class SessionStore:
                 raise ValueError(
                     f"update fn changed session_id {session_id!r} to {new.session_id!r}"
                 )
-            header = new.header()
-            dumped = [_dump_loop(lp) for lp in new.loops]
             # fn may itself have committed (the lock is re-entrant): build on the latest.
-            with self._backend.session(session_id) as h:
-                latest = self._read_for_write(h)
-                if latest is None:
-                    raise SessionNotFound(session_id, path=self._path(session_id))
-                entries, blobs = self._plan_loops(dumped, latest.state)
-                change = Change(latest.state)
-                change.set_header(header)
-                change.set_loops(entries, blobs)
-                if change.empty:
-                    self._settle(h, latest)
-                else:
-                    latest = self._commit(session_id, h, latest, change)
-            self._maybe_fold(session_id, latest)
+            latest = self._read_for_write(h)
+            if latest is None:
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            entries, blobs = self._plan_loops([_dump_loop(lp) for lp in new.loops], latest.state)
+            change = Change(latest.state)
+            change.set_header(new.header())
+            change.set_loops(entries, blobs)
+            if change.empty:
+                self._settle(h, latest)
+                return new, latest
+            return new, self._commit(session_id, h, latest, change)
+
+        with self._held(session_id):
+            new, r = self._retry(session_id, attempt)
+            self._maybe_fold(session_id, r)
         return new
 
     def delete(self, session_id: str) -> None:
@@ -846,15 +891,19 @@ class SessionStore:
         records; backups, migrations and tests call it to get there at once.
         """
         session_id = ondisk.validate_session_id(session_id)
-        with self._held(session_id), self._backend.session(session_id) as h:
-            r = self.read_state(h) if h is not None else None
+
+        def attempt(h: SessionHandle | None, r: StateRead | None) -> bool:
+            # _read_for_write already folded a v1 checkpoint (the upgrade).
             if h is None or r is None:
                 raise SessionNotFound(session_id, path=self._path(session_id))
-            if r.state.checkpoint_version >= ondisk.FORMAT_VERSION and not r.state.records:
+            if not r.state.records:
                 self._settle(h, r)
-                return False
+                return r.folded
             self._fold(h, r)
             return True
+
+        with self._held(session_id):
+            return self._retry(session_id, attempt)
 
     @contextlib.contextmanager
     def lock(self, session_id: str) -> Iterator[None]:
