@@ -203,6 +203,51 @@ def test_a_plain_directory_is_not_turned_into_a_store(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "argv", [["ls"], ["stats"], ["show", PARENT], ["verify"], ["import-legacy", "."], ["demo"]]
+)
+def test_a_root_that_is_a_file_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    not_a_dir = tmp_path / "store.txt"
+    not_a_dir.write_text("not a store")
+    for root in (not_a_dir, not_a_dir / "below"):
+        code, out, err = run(capsys, "--root", str(root), *argv)
+        assert (code, out) == (2, "")
+        assert err.count("\n") == 1 and err.startswith("loopstore: error: store root ")
+        assert str(not_a_dir) in err and "not a directory" in err
+    assert sorted(tmp_path.iterdir()) == [not_a_dir]
+    assert not_a_dir.read_text() == "not a store"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["export-legacy", PARENT, "{dir}"], ["export-legacy", "--all", "{dir}"], ["backup", "{dir}"]],
+)
+def test_a_directory_argument_that_is_a_file_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], root: Path, tmp_path: Path, argv: list[str]
+) -> None:
+    not_a_dir = tmp_path / "out.txt"
+    not_a_dir.write_text("keep")
+    for where in (not_a_dir, not_a_dir / "below"):
+        args = [a.replace("{dir}", str(where)) for a in argv]
+        code, out, err = run(capsys, "--root", str(root), *args)
+        assert (code, out) == (2, "")
+        assert err.count("\n") == 1 and str(not_a_dir) in err and "not a directory" in err
+    assert not_a_dir.read_text() == "keep"
+
+
+def test_an_empty_root_is_a_usage_error_not_the_default(
+    capsys: pytest.CaptureFixture[str], root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(root.parent)
+    shutil.move(root, root.parent / ".loopstore")
+    code, out, err = run(capsys, "--root", "", "ls")
+    assert (code, out) == (2, "") and err.count("\n") == 1 and "--root" in err
+    monkeypatch.setenv("LOOPSTORE_ROOT", "")  # an empty variable counts as unset
+    assert len(run_json(capsys, "ls")["sessions"]) == 4
+
+
 def test_root_from_env_then_default(
     capsys: pytest.CaptureFixture[str],
     root: Path,
@@ -386,6 +431,25 @@ def test_cat_one_loop_by_id_index_or_suffix(capsys: pytest.CaptureFixture[str], 
     assert code == 3
     code, _, err = run(capsys, "--root", str(root), "cat", TREE, "7")
     assert code == 0
+
+
+def test_an_ambiguous_loop_suffix_lists_the_matching_loops(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    session = make_session("amb", 3)
+    renamed = ["amb.w0.test.1", "amb.w1.test.1", "amb.w1.test.2"]
+    for lp, new_id in zip(session.loops, renamed, strict=True):
+        lp.loop_id = new_id
+    for lp, child in zip(session.loops, session.loops[1:], strict=False):
+        child.parent_loop_id = lp.loop_id
+        lp.children_loop_ids = [child.loop_id]
+    FileSystemSessionStore(tmp_path, durable=False).save(session)
+    code, out, err = run(capsys, "--root", str(tmp_path), "cat", "amb", "test.1")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "'test.1' is ambiguous" in err and "amb.w0.test.1" in err and "amb.w1.test.1" in err
+    assert "amb.w1.test.2" not in err
+    code, out, _ = run(capsys, "--root", str(tmp_path), "cat", "amb", "w1.test.1")
+    assert code == 0 and json.loads(out)["loop_id"] == "amb.w1.test.1"
 
 
 def test_stats(capsys: pytest.CaptureFixture[str], root: Path) -> None:
@@ -580,6 +644,48 @@ def test_locked_session_exits_4(
     assert run(capsys, "--root", str(root), "show", PARENT)[0] == 0
 
 
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param(
+            "locks-not-writable",
+            marks=pytest.mark.skipif(
+                os.geteuid() == 0,
+                reason="root ignores permission bits; the 'lock-is-a-directory' case runs "
+                "the same path",
+            ),
+        ),
+        "lock-is-a-directory",
+    ],
+)
+def test_a_lock_file_that_cannot_be_opened_is_one_clean_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, how: str
+) -> None:
+    """The store raises StorageError from its lock layer: exit 1 (documented), one line
+    with the session and the lock file's path, the OS error as plain text."""
+    root = tmp_path / "store"
+    store = FileSystemSessionStore(root, durable=False)
+    store.save(make_session("s-locked", 1))
+    locks = Layout(root).locks_dir
+    lock_path = locks / "s-locked.lock"
+    lock_path.unlink(missing_ok=True)
+    if how == "locks-not-writable":
+        locks.chmod(0o555)
+        reason = "Permission denied"
+    else:
+        lock_path.mkdir()
+        reason = "Is a directory"
+    try:
+        code, out, err = run(capsys, "--root", str(root), "rm", "s-locked")
+    finally:
+        locks.chmod(0o755)
+    assert (code, out) == (1, "")
+    assert err.count("\n") == 1 and err.startswith("loopstore: error: session 's-locked': ")
+    assert reason in err and err.rstrip().endswith(f"({lock_path})")
+    assert "b'" not in err and "Errno" not in err
+    assert store.exists("s-locked")
+
+
 # --- demo and backup ---------------------------------------------------------------------------
 
 
@@ -618,6 +724,54 @@ def test_demo_passes_options_through(
         "fresh": True,
     }
     assert run(capsys, "demo", "--workers", "0")[0] == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--workers", "100000", "--sessions", "99999999999999999999"],
+        ["--sessions", "99999999999999999999"],
+        ["--workers", "0"],
+        ["--workers", "33", "--sessions", "100"],
+        ["--loops", "101"],
+        ["--sessions", "1000", "--loops", "11"],  # 11,000 loops in all
+        ["--sessions", "2", "--workers", "3"],  # a worker without a session
+        ["--seed", "-1"],
+        ["--seed", "nine"],
+    ],
+)
+def test_demo_options_are_bounded(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str]
+) -> None:
+    store = tmp_path / "demo"
+    code, out, err = run(capsys, "--root", str(store), "demo", *argv)
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith("loopstore: error: ")
+    assert not store.exists()
+
+
+def test_demo_adds_to_a_store_it_did_not_create_only_when_told(
+    capsys: pytest.CaptureFixture[str], root: Path
+) -> None:
+    pytest.importorskip("loopstore.demo")
+    code, out, err = run(capsys, "--root", str(root), "demo", "--sessions", "1", "--loops", "1")
+    assert (code, out) == (2, "") and err.count("\n") == 1
+    assert "refusing to add demo data" in err and "--add-to-existing" in err
+    assert len(run_json(capsys, "--root", str(root), "ls")["sessions"]) == 4
+    code, out, _ = run(
+        capsys,
+        "--root",
+        str(root),
+        "demo",
+        "--sessions",
+        "1",
+        "--loops",
+        "1",
+        "--add-to-existing",
+    )
+    assert code == 0 and "rm -rf" not in out and "--fresh" not in out
+    assert len(run_json(capsys, "--root", str(root), "ls")["sessions"]) > 4
+    assert not (root / "loopstore-demo.txt").exists()  # still not the demo's
 
 
 def test_demo_for_real(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -703,6 +857,29 @@ def test_console_script_verify_damage_and_usage(root: Path) -> None:
     assert json.loads(verify.stdout)["problems"][0]["session_id"] == CHILD
     usage = subprocess.run([SCRIPT, "lss"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and usage.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["ls"], ["ls", "--json"], ["tree", TREE], ["cat", PARENT], ["show", PARENT], ["--help"]],
+    ids=lambda a: " ".join(a),
+)
+def test_a_closed_stdout_ends_quietly_with_0(root: Path, argv: list[str]) -> None:
+    """`loopstore ls | head -1`: the reader is gone before the first write (EPIPE)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [SCRIPT, "--root", str(root), *argv],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(),
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def run_on_terminal(argv: list[str], env: dict[str, str]) -> str:

@@ -21,7 +21,8 @@ import pytest
 import _workers_store as workers
 from helpers import lock_held_in_thread
 from loopstore.errors import SessionLocked
-from loopstore.store import AsyncFileSystemSessionStore, FileSystemSessionStore
+from loopstore.aio import AsyncFileSystemSessionStore
+from loopstore.store import FileSystemSessionStore
 
 CTX = mp.get_context("spawn")
 SLACK_S = 1.5  # generous upper bound over the budget (shared, loaded CI cores)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -218,6 +219,37 @@ def test_enums_and_tagged_variants() -> None:
     unknown = LoopStatus("Paused")
     assert unknown.value == "Paused" and not unknown.is_known
     assert LoopStatus.COMPLETED.is_known
+
+
+def test_follow_up_read_from_json_equals_continuation_and_dumps_as_read() -> None:
+    """phi-core reads the pre-0.10 "FollowUp" as Continuation; the dump keeps "FollowUp"."""
+    text = load_fixture_text(FIXTURES[0])
+    old = text.replace('"triggered_by": "Continuation"', '"triggered_by": "FollowUp"')
+    assert old != text
+    session = Session.model_validate_json(old)
+    triggers = [t.triggered_by for lp in session.loops for t in lp.turns]
+    old_style = [t for t in triggers if t.value == "FollowUp"]
+    assert old_style and all(t is TurnTrigger.FOLLOW_UP for t in old_style)
+    for trigger in old_style:
+        # both operand orders, and != as well as ==
+        assert trigger == TurnTrigger.CONTINUATION
+        assert operator.eq(TurnTrigger.CONTINUATION, trigger)
+        assert operator.ne(trigger, TurnTrigger.CONTINUATION) is False
+        assert trigger == "Continuation" and operator.eq("Continuation", trigger)
+        assert trigger != TurnTrigger.USER and trigger != "User"
+        # hashing agrees with equality
+        assert hash(trigger) == hash(TurnTrigger.CONTINUATION) == hash("Continuation")
+        assert {trigger, TurnTrigger.CONTINUATION} == {TurnTrigger.CONTINUATION}
+        assert {TurnTrigger.CONTINUATION: "c"}[trigger] == "c"
+        assert trigger in (TurnTrigger.CONTINUATION,)
+    # lossless: the spelling read is the spelling written
+    assert session.model_dump_json(indent=2) == old
+    assert json.dumps(session.model_dump(mode="json"), indent=2, ensure_ascii=False) == old
+    assert TurnTrigger.FOLLOW_UP.value == "FollowUp" and str(TurnTrigger.FOLLOW_UP) == "FollowUp"
+    # the other triggers keep plain identity semantics
+    assert TurnTrigger.USER == "User" and hash(TurnTrigger.USER) == hash("User")
+    assert TurnTrigger.USER != TurnTrigger.SUB_AGENT
+    assert TurnTrigger("Paused") == "Paused" and TurnTrigger("Paused") != TurnTrigger.USER
 
 
 def test_tree_helpers() -> None:

@@ -684,6 +684,192 @@ def test_progress_message_with_empty_loop_id_is_not_recorded() -> None:
     assert texts == ["y"]
 
 
+# ---------------------------------------------------------------- routing, variant by variant
+
+
+RL = "s.c.1"
+
+
+def _variant_samples() -> dict[str, Ev]:
+    """One event of every AgentEvent variant phi-core 0.10 defines, naming loop RL."""
+    u = user_msg("q")
+    a = assistant_msg("a", RL, 0)
+    result: Ev = {"content": [{"type": "text", "text": "out"}], "details": None}
+    return {
+        "AgentStart": start("s", RL),
+        "AgentEnd": end(RL),
+        "TurnStart": turn_start(RL, 0),
+        "TurnRequest": _turn_request_loop(RL)[4],
+        "TurnEnd": turn_end(RL, a),
+        "MessageStart": {"type": "MessageStart", "loop_id": RL, "message": u},
+        "MessageUpdate": {
+            "type": "MessageUpdate",
+            "loop_id": RL,
+            "message": a,
+            "delta": {"Text": {"delta": "a"}},
+        },
+        "MessageEnd": msg_end(RL, u),
+        "ToolExecutionStart": {
+            "type": "ToolExecutionStart",
+            "loop_id": RL,
+            "tool_call_id": "t1",
+            "tool_name": "bash",
+            "args": {"command": "ls"},
+        },
+        "ToolExecutionUpdate": {
+            "type": "ToolExecutionUpdate",
+            "loop_id": RL,
+            "tool_call_id": "t1",
+            "tool_name": "bash",
+            "partial_result": result,
+        },
+        "ToolExecutionEnd": tool_end(RL, "t1", "bash"),
+        "ProgressMessage": {
+            "type": "ProgressMessage",
+            "loop_id": RL,
+            "tool_call_id": "t1",
+            "tool_name": "bash",
+            "text": "running",
+        },
+        "InputRejected": {"type": "InputRejected", "loop_id": RL, "reason": "PII"},
+        "ParallelLoopStart": {
+            "type": "ParallelLoopStart",
+            "session_id": "s",
+            "loop_ids": [RL],
+            "timestamp": ts(1),
+        },
+        "ParallelLoopEnd": {
+            "type": "ParallelLoopEnd",
+            "session_id": "s",
+            "selected_loop_id": RL,
+            "selected_config_index": 0,
+            "evaluation_usage": dict(ZERO),
+            "timestamp": ts(2),
+        },
+        "CompactionStarted": {
+            "type": "CompactionStarted",
+            "loop_id": RL,
+            "estimated_tokens": 1000,
+            "message_count": 12,
+            "timestamp": ts(1),
+        },
+        "PrunApplied": {
+            "type": "PrunApplied",
+            "loop_id": RL,
+            "tokens_removed": 10,
+            "messages_removed": 2,
+            "memo": None,
+            "pruned_timestamps": [1, 2],
+            "timestamp": ts(1),
+        },
+        "RevertApplied": {
+            "type": "RevertApplied",
+            "loop_id": RL,
+            "category": "failure",
+            "target": 12,
+            "abandoned_node_ids": [13, 14],
+            "summary": "dead end",
+            "applied": True,
+            "reason": None,
+            "timestamp": ts(1),
+        },
+        "CompactionEnded": {
+            "type": "CompactionEnded",
+            "loop_id": RL,
+            "messages_before": 12,
+            "messages_after": 4,
+            "estimated_tokens_before": 1000,
+            "estimated_tokens_after": 300,
+            "loops_compacted": 1,
+            "timestamp": ts(2),
+        },
+    }
+
+
+# phi-core 0.10: recorder.rs's own arms, then the catch-all through helpers.rs `loop_id_of`
+# (TurnStart, TurnRequest, MessageStart, MessageEnd, ToolExecutionStart/Update,
+# ProgressMessage and InputRejected when loop_id is not empty, CompactionStarted/Ended,
+# PrunApplied; anything else, RevertApplied included, is not filed).
+FILED_ALWAYS = {
+    "AgentStart",
+    "AgentEnd",
+    "TurnStart",
+    "TurnEnd",
+    "MessageStart",
+    "MessageEnd",
+    "ToolExecutionStart",
+    "ToolExecutionUpdate",
+    "ToolExecutionEnd",
+    "ProgressMessage",
+    "InputRejected",
+    "CompactionStarted",
+    "CompactionEnded",
+    "PrunApplied",
+}
+FILED_WHEN_ASKED = {"MessageUpdate", "TurnRequest"}
+NEVER_FILED = {"ParallelLoopStart", "ParallelLoopEnd", "RevertApplied"}
+
+
+def test_routing_table_covers_every_variant_phi_core_defines() -> None:
+    from loopstore.events import KNOWN_EVENT_TYPES
+    from loopstore.recorder import PHI_CORE_EVENT_ROUTES
+
+    assert FILED_ALWAYS | FILED_WHEN_ASKED | NEVER_FILED == KNOWN_EVENT_TYPES
+    assert _variant_samples().keys() == KNOWN_EVENT_TYPES
+    assert PHI_CORE_EVENT_ROUTES.keys() == KNOWN_EVENT_TYPES
+
+
+@pytest.mark.parametrize("asked", [False, True], ids=["default", "streaming+capture"])
+@pytest.mark.parametrize("variant", sorted(FILED_ALWAYS | FILED_WHEN_ASKED | NEVER_FILED))
+def test_each_variant_is_filed_exactly_as_phi_core_files_it(variant: str, asked: bool) -> None:
+    samples = _variant_samples()
+    middle = [] if variant in ("AgentStart", "AgentEnd") else [samples[variant]]
+    config = SessionRecorderConfig(include_streaming_events=asked, capture_turn_requests=asked)
+    rec = feed(SessionRecorder(config), [samples["AgentStart"], *middle, samples["AgentEnd"]])
+    lp = one_session(rec)["loops"][0]
+    filed = [e["event"] for e in lp["events"]]
+    expected = variant in FILED_ALWAYS or (asked and variant in FILED_WHEN_ASKED)
+    assert [e["type"] for e in filed].count(variant) == int(expected)
+    if expected:
+        assert samples[variant] in filed  # verbatim
+    assert filed[0]["type"] == "AgentStart" and filed[-1]["type"] == "AgentEnd"
+    assert [e["sequence"] for e in lp["events"]] == list(range(len(filed)))
+
+
+def test_revert_applied_is_dropped_like_phi_core_and_takes_no_sequence_number() -> None:
+    samples = _variant_samples()
+    events = simple_loop("s", RL)
+    stream = [
+        *events[:4],
+        samples["RevertApplied"],
+        samples["PrunApplied"],
+        samples["RevertApplied"],
+        *events[4:],
+    ]
+    lp = one_session(feed(SessionRecorder(), stream))["loops"][0]
+    types = [e["event"]["type"] for e in lp["events"]]
+    assert "RevertApplied" not in types
+    assert types[4] == "PrunApplied" and len(types) == len(events) + 1
+    assert [e["sequence"] for e in lp["events"]] == list(range(len(types)))
+
+
+@pytest.mark.parametrize("variant", ["ProgressMessage", "InputRejected"])
+def test_empty_loop_id_names_no_loop(variant: str) -> None:
+    samples = _variant_samples()
+    nameless = {**samples[variant], "loop_id": ""}
+    rec = feed(SessionRecorder(), [samples["AgentStart"], nameless, samples["AgentEnd"]])
+    types = [e["event"]["type"] for e in one_session(rec)["loops"][0]["events"]]
+    assert types == ["AgentStart", "AgentEnd"]
+
+
+def test_events_for_a_loop_that_is_not_open_are_dropped() -> None:
+    samples = _variant_samples()
+    late = [samples[v] for v in sorted(FILED_ALWAYS - {"AgentStart", "AgentEnd"})]
+    rec = feed(SessionRecorder(), [*simple_loop("s", RL), *late])
+    types = [e["event"]["type"] for e in one_session(rec)["loops"][0]["events"]]
+    assert types == [e["type"] for e in simple_loop("s", RL)]
+
+
 # ---------------------------------------------------------------- TurnRequest capture
 
 
@@ -1098,7 +1284,8 @@ def test_worker_killed_between_loops_loses_no_finished_loop(tmp_path: Path) -> N
     job = _Job(sid, "agent-kill", 200, 5, "")
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
-    proc = ctx.Process(target=_worker_main, args=(_WorkerArgs(0, str(root), (job,), 20_000), q))
+    args = (_WorkerArgs(0, str(root), (job,), 20_000), q, ctx.Event())
+    proc = ctx.Process(target=_worker_main, args=args)
     proc.start()
     acked = 0
     try:

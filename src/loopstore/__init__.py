@@ -5,6 +5,7 @@ The names below are the public contract of DESIGN.md section 1.
 
 from __future__ import annotations
 
+from loopstore.aio import AsyncFileSystemSessionStore
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -33,7 +34,6 @@ from loopstore.models import (
     Usage,
 )
 from loopstore.recorder import SessionRecorder, SessionRecorderConfig
-from loopstore.aio import AsyncFileSystemSessionStore
 from loopstore.store import FileSystemSessionStore
 
 __version__ = "0.1.0"

@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import secrets
+import stat
 import threading
 from pathlib import Path
 from typing import Final

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -31,17 +32,14 @@ from loopstore.errors import (
     SessionError,
     SessionLocked,
     SessionNotFound,
+    StorageError,
 )
 
 if TYPE_CHECKING:
     from loopstore.models import LoopRecord, Session
     from loopstore.ondisk import LoopEntry
-    from loopstore.store import (
-        FileSystemSessionStore,
-        Orphan,
-        Problem,
-        SessionInfo,
-    )
+    from loopstore.reports import Orphan, Problem, SessionInfo
+    from loopstore.store import FileSystemSessionStore
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -203,11 +201,20 @@ PIPE_WIDTH = 160
 lines never wrap (soft_wrap), this only keeps others' renderables from being cut at 80."""
 
 
+class _Console(Console):
+    """rich's Console, but a closed pipe raises BrokenPipeError for `main` to handle
+    (rich's own handler exits with status 1, which reads as "problems found")."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def _make_console(stream: IO[str]) -> Console:
     tty = _wants_colour(stream)
     isatty = getattr(stream, "isatty", None)
     width = None if (isatty and isatty()) or os.environ.get("COLUMNS") else PIPE_WIDTH
-    return Console(
+    return _Console(
         file=stream,
         width=width,
         force_terminal=tty,
@@ -929,6 +936,10 @@ def loop_json_bytes(loop: LoopRecord) -> bytes:
     return json.dumps(loop.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
 
 
+MAX_LISTED_MATCHES = 20
+"""An ambiguous loop suffix lists this many matching loop ids (the error is one line)."""
+
+
 def _resolve_loop(ctx: Ctx, session_id: str, wanted: str) -> str:
     """A loop given as its id, its 1-based `#` from `show` (negative: from the end), or a
     unique dotted suffix of its id (`claude-sonnet-4-5.2`)."""
@@ -947,8 +958,11 @@ def _resolve_loop(ctx: Ctx, session_id: str, wanted: str) -> str:
     if len(matches) == 1:
         return matches[0]
     if len(matches) > 1:
+        shown = ", ".join(matches[:MAX_LISTED_MATCHES])
+        more = len(matches) - MAX_LISTED_MATCHES
         raise CliError(
-            f"session {session_id!r}: loop {wanted!r} is ambiguous ({len(matches)} loops match)",
+            f"session {session_id!r}: loop {wanted!r} is ambiguous, it matches "
+            f"{len(matches)} loops: {shown}" + (f" and {more} more" if more > 0 else ""),
             EXIT_USAGE,
         )
     raise SessionNotFound(session_id, f"no loop {wanted!r} in this session")
@@ -1180,6 +1194,7 @@ def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
         dest = Path(targets[-1])
         ids = targets[:-1]
         store = ctx.store()
+    check_directory_argument(dest, "export-legacy: DIR")
     written: list[dict[str, str]] = []
     with _progress(ctx, "exporting") as progress:
         for done, session_id in enumerate(ids, 1):
@@ -1217,19 +1232,24 @@ def cmd_rm(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
-    from loopstore.demo import run_demo
+    from loopstore import demo
 
     kwargs: dict[str, Any] = {}
     for name in ("workers", "sessions", "loops", "seed"):
         value = getattr(args, name)
         if value is not None:
             kwargs[name] = value
-    if args.fresh:
-        kwargs["fresh"] = True
+    for flag in ("fresh", "add_to_existing"):
+        if getattr(args, flag):
+            kwargs[flag] = True
     try:
-        result = run_demo(ctx.root, console=ctx.out, **kwargs)
-    except ValueError as exc:  # e.g. --fresh on a store the demo did not create
+        result = demo.run_demo(ctx.root, console=ctx.out, **kwargs)
+    except demo.DemoUsageError as exc:  # options out of bounds, a root it may not use
         raise CliError(f"demo: {exc}", EXIT_USAGE) from exc
+    except KeyboardInterrupt:
+        # run_demo has stopped its workers; say so in one line.
+        _write_stderr(f"{PROG}: demo interrupted: workers stopped (loops already stored stay)\n")
+        return EXIT_INTERRUPTED
     ok = getattr(result, "ok", True)
     return EXIT_OK if ok is None or ok else EXIT_PROBLEMS
 
@@ -1239,6 +1259,7 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
 
     store = ctx.store()
     dest = Path(args.dest)
+    check_directory_argument(dest, "backup: DEST")
     with _progress(ctx, "backing up") as progress:
         report = backup(
             store, dest, prune=not args.keep_deleted, progress=progress, link=not args.copy
@@ -1317,6 +1338,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_between(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (bounds keep a typo from filling a disk)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high:,}: {text!r}")
+        return value
+
+    return parse
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -1333,8 +1369,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Inspect, verify, repair and migrate a loopstore session store.",
         epilog=(
-            "exit codes: 0 ok, 1 problems found (or damaged data), 2 usage error,\n"
-            "            3 not found, 4 locked"
+            "exit codes: 0 ok, 1 problems found (damaged data, I/O or permission error),\n"
+            "            2 usage error, 3 not found, 4 locked, 130 interrupted"
         ),
     )
     parser.add_argument(
@@ -1421,12 +1457,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sessions", nargs="+", metavar="SESSION")
     p.set_defaults(func=cmd_rm)
 
+    from loopstore import demo
+
     p = sub.add_parser("demo", help="record synthetic sessions from several worker processes")
-    p.add_argument("--workers", type=_positive_int, metavar="N")
-    p.add_argument("--sessions", type=_positive_int, metavar="N")
-    p.add_argument("--loops", type=_positive_int, metavar="N")
-    p.add_argument("--seed", type=int, metavar="N")
-    p.add_argument("--fresh", action="store_true", help="empty the store first")
+    p.add_argument(
+        "--workers",
+        type=_int_between(1, demo.MAX_WORKERS),
+        metavar="N",
+        help=f"worker processes, at most --sessions (default: {demo.DEFAULT_WORKERS})",
+    )
+    p.add_argument(
+        "--sessions",
+        type=_int_between(1, demo.MAX_SESSIONS),
+        metavar="N",
+        help=f"sessions to record (default: {demo.DEFAULT_SESSIONS})",
+    )
+    p.add_argument(
+        "--loops",
+        type=_int_between(1, demo.MAX_LOOPS),
+        metavar="N",
+        help=f"loops per session (default: {demo.DEFAULT_LOOPS}); "
+        f"sessions x loops <= {demo.MAX_TOTAL_LOOPS:,}",
+    )
+    p.add_argument("--seed", type=_int_between(0, demo.MAX_SEED), metavar="N", help="default: 0")
+    p.add_argument(
+        "--fresh", action="store_true", help="empty the store first (only a store the demo made)"
+    )
+    p.add_argument(
+        "--add-to-existing",
+        action="store_true",
+        help="add to a non-empty store the demo did not create (refused otherwise)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("backup", parents=[json_opt], help="consistent incremental snapshot")
@@ -1443,24 +1504,101 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_root(cli_root: str | None) -> Path:
-    """--root, else $LOOPSTORE_ROOT, else ./.loopstore."""
-    return Path(cli_root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+    """--root, else $LOOPSTORE_ROOT (when set and not empty), else ./.loopstore."""
+    if cli_root is not None:
+        if not cli_root:
+            raise CliError("--root must not be empty", EXIT_USAGE)
+        return Path(cli_root)
+    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+
+
+def check_root(root: Path) -> None:
+    """A store root that is a file (or lies under one) is an error, not an empty store."""
+    check_directory_argument(root, "store root")
+
+
+def check_directory_argument(path: Path, label: str) -> None:
+    """A directory argument (which may not exist yet) that is a regular file, or lies
+    under one, is a usage error (exit 2) naming it."""
+    probe = path
+    while True:
+        try:
+            is_dir = probe.is_dir()
+            exists = is_dir or probe.exists()
+        except OSError:  # unreadable: leave it to the command, which reports the error
+            return
+        if exists:
+            if is_dir:
+                return
+            where = "is" if probe == path else f"lies under {probe}, which is"
+            raise CliError(f"{label} {path} {where} not a directory", EXIT_USAGE)
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+
+
+def _storage_message(err: StorageError) -> str:
+    """`session 'x': cannot use lock file: Permission denied (/root/locks/x.lock)`: the
+    store's message with the OS error shown as its plain text, and the path once."""
+    cause = err.__cause__
+    text = err.cause
+    path: Any = err.path
+    if isinstance(cause, OSError):
+        if cause.strerror and str(cause) and str(cause) in text:
+            text = text.replace(str(cause), cause.strerror)
+        if path is None and cause.filename is not None:
+            path = os.fsdecode(cause.filename)
+    where = f"session {err.session_id!r}" if err.session_id is not None else "store"
+    return f"{where}: {text}" + (f" ({path})" if path is not None else "")
 
 
 def _report_error(err: BaseException, *, prefix: str = "error") -> None:
-    if isinstance(err, SessionError | CliError):
+    if isinstance(err, StorageError):
+        message = _storage_message(err)
+    elif isinstance(err, SessionError | CliError):
         message = str(err)
     elif isinstance(err, OSError):
-        where = err.filename if err.filename is not None else ""
+        where = os.fsdecode(err.filename) if err.filename is not None else ""
         message = f"{where}: {err.strerror or err}" if where else str(err)
     else:
         message = f"{type(err).__name__}: {err}"
-    sys.stderr.write(f"{PROG}: {prefix}: {_one_line(message)}\n")
-    sys.stderr.flush()
+    _write_stderr(f"{PROG}: {prefix}: {_one_line(message)}\n")
+
+
+def _write_stderr(text: str) -> None:
+    """One line to stderr; a closed stderr is not worth a traceback."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def _silence_closed_pipe() -> None:
+    """After EPIPE: point stdout (and stderr) at /dev/null, so that nothing else fails,
+    not even the interpreter's final flush ("Exception ignored ... BrokenPipeError")."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (usable in-process)."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is handled below, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`loopstore ls | head -1`): not a problem found, and no
+        # traceback. Even `--help | head -1` ends up here.
+        _silence_closed_pipe()
+        return EXIT_OK
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -1469,8 +1607,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         sys.stderr.write(f"{PROG}: error: no command given (see '{PROG} --help')\n")
         return EXIT_USAGE
+    try:
+        root = resolve_root(args.root)
+        check_root(root)
+    except CliError as err:
+        _report_error(err)
+        return err.code
     ctx = Ctx(
-        root=resolve_root(args.root),
+        root=root,
         json=bool(args.json),
         out=_make_console(sys.stdout),
         err=_make_console(sys.stderr),
@@ -1481,16 +1625,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(ctx, args)
         return code
     except BrokenPipeError:
-        # The reader went away (`loopstore ls | head`): stop quietly.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+        raise
     except (SessionError, CliError, OSError) as err:
         _report_error(err)
         return exit_code_for(err)
     except KeyboardInterrupt:
-        sys.stderr.write(f"{PROG}: interrupted\n")
+        _write_stderr(f"{PROG}: interrupted\n")
         return EXIT_INTERRUPTED
 
 

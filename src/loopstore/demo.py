@@ -5,15 +5,27 @@ event streams (`loopstore.synth`), so every loop is persisted the moment it ends
 sessions are shared by two workers, which append to them concurrently. The parent
 process shows live progress, then prints what is in the store: sessions, loops, raw
 vs stored bytes, a loop tree of one session, and a `verify` result.
+
+The demo writes only into a store it created: an empty or missing directory becomes a
+store marked with `DEMO_MARKER`. A non-empty directory without that marker is refused,
+unless `add_to_existing` is given and it is a loopstore store; `fresh` empties only a
+marked store. Options are bounded (`MAX_*`) so a typo cannot fill the disk. Ctrl-C stops
+the workers between two events (they ignore SIGINT; the parent asks them to stop, then
+terminates any that do not) and re-raises `KeyboardInterrupt` in the caller.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import queue as queue_mod
+import shlex
 import shutil
+import signal
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,14 +35,27 @@ from rich.markup import escape
 from loopstore.cli import format_size
 
 if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
     from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
 
     from rich.console import Console
     from rich.tree import Tree
 
     from loopstore.models import LoopRecord, Session
 
-__all__ = ["DEFAULT_ROOT", "DemoResult", "run_demo"]
+__all__ = [
+    "DEFAULT_ROOT",
+    "DEMO_MARKER",
+    "MAX_LOOPS",
+    "MAX_SESSIONS",
+    "MAX_TOTAL_LOOPS",
+    "MAX_WORKERS",
+    "DemoResult",
+    "DemoUsageError",
+    "check_options",
+    "run_demo",
+]
 
 DEFAULT_ROOT = Path(".loopstore-demo")
 DEFAULT_WORKERS = 4
@@ -40,9 +65,71 @@ DEFAULT_LOOP_BYTES = 150_000
 SHARED_EVERY = 3
 """Every third session gets loops from two workers at once."""
 POLL_INTERVAL_S = 0.1
-WORKER_JOIN_TIMEOUT_S = 30.0
+WORKER_STOP_GRACE_S = 10.0
+"""How long stopped (or finished) workers get to exit before they are terminated."""
+WORKER_KILL_GRACE_S = 5.0
 DEMO_MARKER = "loopstore-demo.txt"
-"""Written at the root of a store the demo created; only such a store may be emptied."""
+"""Written at the root of a store the demo created. Only such a store gets demo data
+without `add_to_existing`, and only such a store is emptied by `fresh`."""
+
+MAX_WORKERS = 32
+MAX_SESSIONS = 1_000
+MAX_LOOPS = 100
+"""Loops per session."""
+MAX_TOTAL_LOOPS = 10_000
+"""sessions x loops: about 1.5 GB of loop JSON at the default loop size."""
+MAX_SEED = 2**63 - 1
+MAX_LOOP_BYTES = 2_000_000
+MAX_RAW_BYTES = 2 * 1024**3
+"""sessions x loops x loop_bytes: the raw JSON the demo may generate in one run."""
+
+
+class DemoUsageError(ValueError):
+    """An option or a root the demo refuses (the command line exits 2)."""
+
+
+def check_options(
+    workers: int | None,
+    sessions: int,
+    loops: int,
+    seed: int = 0,
+    loop_bytes: int = DEFAULT_LOOP_BYTES,
+) -> int:
+    """Validate the demo options; returns the number of workers to use.
+
+    Without `workers`, the default (4) is lowered to `sessions`; an explicit `workers`
+    larger than `sessions` is refused (a worker without a session has nothing to do).
+    """
+    bounds: list[tuple[str, int, int]] = [
+        ("sessions", sessions, MAX_SESSIONS),
+        ("loops", loops, MAX_LOOPS),
+        ("loop_bytes", loop_bytes, MAX_LOOP_BYTES),
+    ]
+    if workers is not None:
+        bounds.insert(0, ("workers", workers, MAX_WORKERS))
+    for name, value, most in bounds:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+            raise DemoUsageError(f"{name} must be between 1 and {most:,}, not {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DemoUsageError(f"seed must be between 0 and {MAX_SEED}, not {seed!r}")
+    if sessions * loops > MAX_TOTAL_LOOPS:
+        raise DemoUsageError(
+            f"sessions x loops = {sessions * loops:,} loops; the demo records at most "
+            f"{MAX_TOTAL_LOOPS:,} in one run"
+        )
+    if sessions * loops * loop_bytes > MAX_RAW_BYTES:
+        raise DemoUsageError(
+            f"sessions x loops x loop_bytes = {sessions * loops * loop_bytes:,} bytes; the "
+            f"demo generates at most {MAX_RAW_BYTES:,} in one run"
+        )
+    if workers is None:
+        return min(DEFAULT_WORKERS, sessions)
+    if workers > sessions:
+        raise DemoUsageError(
+            f"workers ({workers}) must not exceed sessions ({sessions}): "
+            "each worker records sessions of its own"
+        )
+    return workers
 
 
 @dataclass(frozen=True)
@@ -78,6 +165,8 @@ class DemoResult:
     problems: list[str] = field(default_factory=list)
     tree_session_id: str | None = None
     elapsed_s: float = 0.0
+    owned: bool = True
+    """True when the demo created the store (it carries `DEMO_MARKER`)."""
 
     @property
     def ok(self) -> bool:
@@ -115,8 +204,15 @@ def _plan(
     return per_worker, ids, total
 
 
-def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]]) -> None:
-    """Run in a spawned process: record this worker's jobs into the shared store."""
+def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]], stop: Event) -> None:
+    """Run in a spawned process: record this worker's jobs into the shared store.
+
+    Ctrl-C is the parent's to handle: the worker ignores SIGINT (it is started with it
+    ignored, too) and returns quietly, between two events, once `stop` is set or the
+    parent is gone (so no worker outlives a parent that could not stop it).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = multiprocessing.parent_process()
     from loopstore.recorder import SessionRecorder
     from loopstore.store import FileSystemSessionStore
     from loopstore.synth import generate_events
@@ -135,6 +231,10 @@ def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]]) -> None:
                 loop_tag=job.loop_tag,
             )
             for ev in events:
+                if stop.is_set() or (parent is not None and not parent.is_alive()):
+                    events_q.cancel_join_thread()  # exit even if nobody reads any more
+                    events_q.put(("stopped", args.index, done))
+                    return
                 recorder.on_event(ev)
                 if ev["type"] == "AgentEnd" and ev["loop_id"].startswith(job.session_id + "."):
                     done += 1
@@ -148,26 +248,121 @@ def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]]) -> None:
         raise
 
 
-def _prepare_root(root: Path, fresh: bool) -> None:
-    """Empty the demo store for --fresh, but never a directory the demo did not create."""
+def _is_demo_root(root: Path) -> bool:
+    return (root / DEMO_MARKER).is_file()
+
+
+def _is_store(root: Path) -> bool:
+    from loopstore.ondisk import Layout
+
+    return Layout(root).marker.is_file()
+
+
+def _prepare_root(root: Path, *, fresh: bool, add_to_existing: bool) -> bool:
+    """Check (and for `fresh`, empty) the root; True when the demo owns it.
+
+    The demo owns a root it found missing or empty (it marks it with `DEMO_MARKER`
+    before anything else) and a root that carries the marker. Anything else is refused,
+    except a loopstore store with `add_to_existing`; `fresh` empties only what it owns.
+    """
     if root.exists() and not root.is_dir():
-        raise ValueError(f"{root} exists and is not a directory")
-    if not fresh or not root.exists() or not any(root.iterdir()):
-        return
-    if not (root / DEMO_MARKER).exists():
-        raise ValueError(
+        raise DemoUsageError(f"{root} exists and is not a directory")
+    entries = sorted(root.iterdir()) if root.is_dir() else []
+    if not entries:
+        _mark_demo_root(root)
+        return True
+    if _is_demo_root(root):
+        if fresh:
+            _empty_demo_root(root, entries)
+            _mark_demo_root(root)
+        return True
+    if fresh:
+        raise DemoUsageError(
             f"refusing to empty {root}: it was not created by `loopstore demo` "
             f"(no {DEMO_MARKER}); choose another directory"
         )
-    shutil.rmtree(root)
-
-
-def _mark_demo_root(root: Path, created: bool) -> None:
-    if created:
-        (root / DEMO_MARKER).write_text(
-            "This store was created by `loopstore demo`; `loopstore demo --fresh` may empty it.\n",
-            encoding="utf-8",
+    if not _is_store(root):
+        raise DemoUsageError(
+            f"refusing to write into {root}: it is not empty and not a loopstore store; "
+            "choose a new or empty directory"
         )
+    if not add_to_existing:
+        raise DemoUsageError(
+            f"refusing to add demo data to {root}: it is a store `loopstore demo` did not "
+            f"create (no {DEMO_MARKER}); choose a new or empty directory, or pass "
+            "--add-to-existing to add to it anyway"
+        )
+    return False
+
+
+def _mark_demo_root(root: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_MARKER).write_text(
+        "This store was created by `loopstore demo`; `loopstore demo --fresh` may empty it.\n",
+        encoding="utf-8",
+    )
+
+
+def _empty_demo_root(root: Path, entries: list[Path]) -> None:
+    """Remove what is inside a demo root (the root itself stays: it may be the cwd);
+    the marker goes last, so an interrupted --fresh leaves a root still marked."""
+    for entry in entries:
+        if entry.name == DEMO_MARKER:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    (root / DEMO_MARKER).unlink()
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl-C in this block. Processes started here inherit that, so a Ctrl-C at
+    the terminal reaches the parent only. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _drain(events_q: Queue[tuple[Any, ...]]) -> None:
+    """Best effort: a Ctrl-C in the middle of a read may have left the pipe unreadable."""
+    with contextlib.suppress(Exception):
+        while True:
+            events_q.get_nowait()
+
+
+def _stop_workers(
+    procs: list[SpawnProcess], stop: Event, events_q: Queue[tuple[Any, ...]]
+) -> list[str]:
+    """Ask every worker to stop, wait a little, then terminate the rest.
+
+    The queue is drained meanwhile (a process that put items exits only once they are
+    read). Returns the names of the workers that had to be terminated.
+    """
+    stop.set()
+    deadline = time.monotonic() + WORKER_STOP_GRACE_S
+    while time.monotonic() < deadline:
+        alive = [p for p in procs if p.is_alive()]
+        if not alive:
+            break
+        _drain(events_q)
+        alive[0].join(POLL_INTERVAL_S)
+    terminated = [p for p in procs if p.is_alive()]
+    for p in terminated:
+        p.terminate()
+    for p in terminated:
+        p.join(WORKER_KILL_GRACE_S)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    _drain(events_q)
+    return [p.name for p in terminated]
 
 
 def _loop_label(lp: LoopRecord, raw: int | None) -> str:
@@ -218,55 +413,16 @@ def loop_tree(session: Session, *, sizes: dict[str, int] | None = None) -> Tree:
     return tree
 
 
-def run_demo(
-    root: str | Path | None = None,
-    *,
-    workers: int = DEFAULT_WORKERS,
-    sessions: int = DEFAULT_SESSIONS,
-    loops: int = DEFAULT_LOOPS,
-    seed: int = 0,
-    fresh: bool = False,
-    console: Console | None = None,
-    loop_bytes: int = DEFAULT_LOOP_BYTES,
-) -> DemoResult:
-    """Record `sessions` x `loops` synthetic loops with `workers` processes, then report."""
-    from rich.console import Console
+def _follow_workers(
+    procs: list[SpawnProcess],
+    events_q: Queue[tuple[Any, ...]],
+    out: Console,
+    per_worker: list[list[_Job]],
+    total_loops: int,
+) -> tuple[int, int, list[str]]:
+    """Show progress until every worker is done; returns (loops recorded, persist
+    errors, problems)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-    from rich.text import Text
-
-    from loopstore.store import FileSystemSessionStore
-
-    if workers < 1 or sessions < 1 or loops < 1:
-        raise ValueError("workers, sessions and loops must all be >= 1")
-    out = console if console is not None else Console()
-    root_path = Path(root) if root is not None else DEFAULT_ROOT
-    _prepare_root(root_path, fresh)
-    created = not root_path.exists() or not any(root_path.iterdir())
-    store = FileSystemSessionStore(root_path)
-    _mark_demo_root(root_path, created)
-
-    per_worker, session_ids, total_loops = _plan(workers, sessions, loops, seed)
-    out.print(
-        Text.from_markup(
-            f"[bold]loopstore demo[/bold]: {workers} worker processes record {sessions} "
-            f"sessions x {loops} loops (~{format_size(loop_bytes)} each) into "
-            f"[cyan]{escape(str(root_path))}[/cyan]"
-        )
-    )
-    ctx = multiprocessing.get_context("spawn")
-    events_q: Queue[tuple[Any, ...]] = ctx.Queue()
-    started = time.perf_counter()
-    procs = [
-        ctx.Process(
-            target=_worker_main,
-            args=(_WorkerArgs(i, str(root_path), tuple(jobs), loop_bytes), events_q),
-            name=f"loopstore-demo-{i}",
-        )
-        for i, jobs in enumerate(per_worker)
-    ]
-    for p in procs:
-        p.start()
 
     recorded = 0
     persist_errors = 0
@@ -308,11 +464,77 @@ def run_demo(
             elif kind == "error":
                 finished.add(index)
                 problems.append(f"worker {index} failed: {msg[2]}")
-    for p in procs:
-        p.join(WORKER_JOIN_TIMEOUT_S)
-        if p.exitcode not in (0, None) and not any(
-            f"worker {procs.index(p)}" in x for x in problems
-        ):
+    return recorded, persist_errors, problems
+
+
+def run_demo(
+    root: str | Path | None = None,
+    *,
+    workers: int | None = None,
+    sessions: int = DEFAULT_SESSIONS,
+    loops: int = DEFAULT_LOOPS,
+    seed: int = 0,
+    fresh: bool = False,
+    add_to_existing: bool = False,
+    console: Console | None = None,
+    loop_bytes: int = DEFAULT_LOOP_BYTES,
+) -> DemoResult:
+    """Record `sessions` x `loops` synthetic loops with `workers` processes, then report.
+
+    `workers` defaults to 4 (at most `sessions`). Raises `DemoUsageError` for options out
+    of bounds (see `check_options`) and for a root the demo may not write to (see the
+    module docstring). A `KeyboardInterrupt` stops the workers and is re-raised.
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from loopstore.store import FileSystemSessionStore
+
+    workers = check_options(workers, sessions, loops, seed, loop_bytes)
+    out = console if console is not None else Console()
+    root_path = Path(root) if root is not None else DEFAULT_ROOT
+    owned = _prepare_root(root_path, fresh=fresh, add_to_existing=add_to_existing)
+    store = FileSystemSessionStore(root_path)
+
+    per_worker, session_ids, total_loops = _plan(workers, sessions, loops, seed)
+    out.print(
+        Text.from_markup(
+            f"[bold]loopstore demo[/bold]: {workers} worker processes record {sessions} "
+            f"sessions x {loops} loops (~{format_size(loop_bytes)} each) into "
+            f"[cyan]{escape(str(root_path))}[/cyan]"
+        )
+    )
+    ctx = multiprocessing.get_context("spawn")
+    events_q: Queue[tuple[Any, ...]] = ctx.Queue()
+    stop = ctx.Event()
+    started = time.perf_counter()
+    procs = [
+        ctx.Process(
+            target=_worker_main,
+            args=(_WorkerArgs(i, str(root_path), tuple(jobs), loop_bytes), events_q, stop),
+            name=f"loopstore-demo-{i}",
+        )
+        for i, jobs in enumerate(per_worker)
+    ]
+    try:
+        with _sigint_ignored():
+            for p in procs:
+                p.start()
+        recorded, persist_errors, problems = _follow_workers(
+            procs, events_q, out, per_worker, total_loops
+        )
+    except BaseException:
+        # Ctrl-C, a closed stdout, anything: stop the workers quietly, then let it through.
+        with _sigint_ignored():
+            _stop_workers(procs, stop, events_q)
+        raise
+    with _sigint_ignored():
+        terminated = _stop_workers(procs, stop, events_q)
+    problems.extend(f"{name} did not exit and was terminated" for name in terminated)
+    for i, p in enumerate(procs):
+        reported = p.name in terminated or any(x.startswith(f"worker {i} ") for x in problems)
+        if p.exitcode not in (0, None) and not reported:
             problems.append(f"{p.name} exited with code {p.exitcode}")
     elapsed = time.perf_counter() - started
 
@@ -356,7 +578,15 @@ def run_demo(
         out.print(Text(f"verify: {len(problems)} problem(s)", style="red"))
         for line in problems:
             out.print(Text(f"  {line}", style="red"))
-    out.print(Text(f"Remove the demo store with `rm -rf {root_path}`, or rerun with --fresh."))
+    if owned:
+        out.print(
+            Text(
+                f"This store was created by the demo ({DEMO_MARKER}): `loopstore --root "
+                f"{shlex.quote(str(root_path))} demo --fresh` empties it and starts over."
+            )
+        )
+    else:
+        out.print(Text(f"The demo sessions were added to {root_path} (--add-to-existing)."))
     return DemoResult(
         root=root_path,
         workers=workers,
@@ -370,4 +600,5 @@ def run_demo(
         problems=problems,
         tree_session_id=tree_sid,
         elapsed_s=elapsed,
+        owned=owned,
     )

@@ -51,8 +51,11 @@ class ApiProtocol(OpenEnum):
 class TurnTrigger(OpenEnum):
     """What started a turn. ``FOLLOW_UP`` is the pre-0.10 spelling of ``CONTINUATION``.
 
-    phi-core reads "FollowUp" as ``Continuation``; loopstore keeps the spelling it read
-    (lossless) and offers ``canonical`` for comparisons.
+    phi-core reads "FollowUp" as ``Continuation``. loopstore keeps the spelling it read
+    (``value`` and dumps stay "FollowUp", lossless) but compares and hashes by the
+    canonical meaning, as phi-core would: ``TurnTrigger.FOLLOW_UP ==
+    TurnTrigger.CONTINUATION``, both equal the string "Continuation" and hash alike.
+    Compare ``.value`` to tell the two spellings apart.
     """
 
     USER = "User"
@@ -65,6 +68,25 @@ class TurnTrigger(OpenEnum):
     def canonical(self) -> TurnTrigger:
         """The 0.10 meaning: ``FOLLOW_UP`` reads as ``CONTINUATION``."""
         return TurnTrigger.CONTINUATION if self is TurnTrigger.FOLLOW_UP else self
+
+    def _canonical_text(self) -> str:
+        return str.__str__(self.canonical)
+
+    # A str mixin compares by its text; these make a trigger compare (and hash) as the
+    # text of its canonical member instead. A plain string is taken as it is.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TurnTrigger):
+            return self._canonical_text() == other._canonical_text()
+        if isinstance(other, str):
+            return self._canonical_text() == str.__str__(other)
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        equal = self.__eq__(other)
+        return equal if equal is NotImplemented else not equal
+
+    def __hash__(self) -> int:
+        return hash(self._canonical_text())
 
 
 _CK_UNIT = ("Initial", "Default", "Compaction")
@@ -198,7 +220,11 @@ class _Event(LosslessModel):
 
     @property
     def event_loop_id(self) -> str | None:
-        """phi-core ``loop_id_of``: the loop this event belongs to, if any."""
+        """The loop this event names (its ``loop_id``), if any.
+
+        Not phi-core's routing: whether phi-core's recorder files the event in that
+        loop's stream is ``loopstore.recorder.PHI_CORE_EVENT_ROUTES``.
+        """
         value = getattr(self, "loop_id", None)
         return value if isinstance(value, str) else None
 

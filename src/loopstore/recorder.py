@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loopstore.errors import InvalidSessionId, SessionError, SessionNotFound
@@ -31,7 +32,9 @@ if TYPE_CHECKING:
     from loopstore.models import LoopRecord, Session
 
 __all__ = [
+    "PHI_CORE_EVENT_ROUTES",
     "CallbackError",
+    "EventRoute",
     "PersistError",
     "RecorderCallbackError",
     "RecorderError",
@@ -198,52 +201,60 @@ def _with_turn_id(message: Any, turn_id: JsonDict) -> Any:
     return out
 
 
-_CATCH_ALL_TYPES = frozenset(
+EventRoute = Literal[
+    "own_arm", "streaming", "capture", "loop_id_of", "loop_id_of_nonempty", "dropped"
+]
+
+PHI_CORE_EVENT_ROUTES: Mapping[str, EventRoute] = MappingProxyType(
     {
-        "TurnStart",
-        "MessageStart",
-        "MessageEnd",
-        "ToolExecutionStart",
-        "ToolExecutionUpdate",
-        "CompactionStarted",
-        "CompactionEnded",
-        "PrunApplied",
-        "RevertApplied",
+        # recorder.rs has a match arm of its own that appends the event to its loop.
+        "AgentStart": "own_arm",
+        "AgentEnd": "own_arm",
+        "TurnStart": "own_arm",
+        "MessageEnd": "own_arm",
+        "TurnEnd": "own_arm",
+        "ToolExecutionEnd": "own_arm",
+        # Own arm, appended only when the config asks for it.
+        "MessageUpdate": "streaming",  # include_streaming_events
+        "TurnRequest": "capture",  # capture_turn_requests
+        # The catch-all arm: helpers.rs `loop_id_of` names the loop.
+        "MessageStart": "loop_id_of",
+        "ToolExecutionStart": "loop_id_of",
+        "ToolExecutionUpdate": "loop_id_of",
+        "CompactionStarted": "loop_id_of",
+        "CompactionEnded": "loop_id_of",
+        "PrunApplied": "loop_id_of",
+        # `loop_id_of` names the loop only when loop_id is not empty.
+        "ProgressMessage": "loop_id_of_nonempty",
+        "InputRejected": "loop_id_of_nonempty",
+        # In no loop's stream: the parallel events only build `parallel_group`, and
+        # `loop_id_of` has no arm for RevertApplied, so phi-core's recorder drops it.
+        "ParallelLoopStart": "dropped",
+        "ParallelLoopEnd": "dropped",
+        "RevertApplied": "dropped",
     }
 )
-_NONEMPTY_LOOP_ID_TYPES = frozenset({"ProgressMessage", "InputRejected"})
-_KNOWN_TYPES = (
-    _CATCH_ALL_TYPES
-    | _NONEMPTY_LOOP_ID_TYPES
-    | {
-        "AgentStart",
-        "AgentEnd",
-        "TurnRequest",
-        "TurnEnd",
-        "MessageUpdate",
-        "ToolExecutionEnd",
-        "ParallelLoopStart",
-        "ParallelLoopEnd",
-    }
-)
+"""How phi-core 0.10's `recorder.rs` files each `AgentEvent` variant in `LoopRecord.events`.
+
+An event that is filed goes to the stream of the loop it names, if that loop is open
+(between its AgentStart and AgentEnd); otherwise it is dropped, as in phi-core.
+"""
 
 
-def _event_loop_id(event: JsonDict) -> str | None:
-    """phi-core's `loop_id_of` for the catch-all arm.
+def _catch_all_loop_id(event: JsonDict) -> str | None:
+    """The catch-all arm: phi-core's `loop_id_of`, the loop an event is filed under.
 
-    Event types phi-core 0.10 does not know are kept (loopstore is lossless) when they
+    Event types phi-core 0.10 does not define are kept (loopstore is lossless) when they
     name a loop; phi-core could not have parsed them at all.
     """
-    etype = event.get("type")
     loop_id = event.get("loop_id")
     if not isinstance(loop_id, str):
         return None
-    if etype in _CATCH_ALL_TYPES:
+    route = PHI_CORE_EVENT_ROUTES.get(str(event.get("type")))
+    if route is None or route == "loop_id_of":
         return loop_id
-    if etype in _NONEMPTY_LOOP_ID_TYPES:
+    if route == "loop_id_of_nonempty":
         return loop_id or None
-    if etype not in _KNOWN_TYPES:
-        return loop_id
     return None
 
 
@@ -362,7 +373,7 @@ class SessionRecorder:
             if self.config.include_streaming_events:
                 self._append_event(ev["loop_id"], ev)
         else:
-            lid = _event_loop_id(ev)
+            lid = _catch_all_loop_id(ev)
             if lid is not None:
                 self._append_event(lid, ev)
 
