@@ -418,13 +418,20 @@ class Catalog:
         except sqlite3.Error as exc:
             raise CatalogUnusable(str(exc)) from exc
 
-    def entries(self) -> dict[str, tuple[int, int]]:
-        """session_id -> (generation, committed_ns) of every row, for verify."""
+    def entry(self, session_id: str) -> tuple[int, int] | None:
+        """(generation, committed_ns) the catalog lists for a session, for verify."""
         try:
-            cur = self._conn().execute("SELECT session_id, generation, committed_ns FROM sessions")
-            return {sid: (gen, ns) for sid, gen, ns in cur}
+            row = (
+                self._conn()
+                .execute(
+                    "SELECT generation, committed_ns FROM sessions WHERE session_id = ?",
+                    (session_id,),
+                )
+                .fetchone()
+            )
         except sqlite3.Error as exc:
             raise CatalogUnusable(str(exc)) from exc
+        return None if row is None else (int(row[0]), int(row[1]))
 
 
 def _write(conn: sqlite3.Connection, item: Summary | BaseException | None, session_id: str) -> None:

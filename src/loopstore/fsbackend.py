@@ -27,7 +27,7 @@ from typing import Final
 from loopstore import atomic, journal, locking, ondisk
 from loopstore.backend import FileStat, JournalRead
 from loopstore.catalog import Catalog
-from loopstore.errors import CorruptSession, storage_error
+from loopstore.errors import CorruptSession, UnsupportedFormat, storage_error
 
 NO_LINK_ERRNOS: Final = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
@@ -427,6 +427,7 @@ class FileSystemBackend:
         try:
             self._open_root()
             self.format_version = self._check_marker()
+            self._refuse_foreign_directory()
             self.sessions_fd = self._subdir(ondisk.SESSIONS_DIR)
             self.locks_fd = self._subdir(ondisk.LOCKS_DIR)
             self.tmp_fd = self._subdir(ondisk.TMP_DIR)
@@ -501,6 +502,24 @@ class FileSystemBackend:
         except OSError as exc:
             raise storage_error(None, "read store marker", self.layout.marker, exc) from exc
         return ondisk.check_marker(data, self.layout.marker)
+
+    def _refuse_foreign_directory(self) -> None:
+        """A non-empty directory without a store marker is not made a store."""
+        if _exists(self.root_fd, ondisk.MARKER_NAME):
+            return
+        try:
+            with _private_scandir(self.root_fd) as it:
+                foreign = sorted(e.name for e in it if not ondisk.is_store_entry(e.name))
+        except OSError as exc:
+            raise storage_error(None, "list store root", self.layout.root, exc) from exc
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UnsupportedFormat(
+                None,
+                f"not a loopstore store: the directory is not empty ({shown}) and has no "
+                f"{ondisk.MARKER_NAME}; refusing to make it a store",
+                path=self.layout.root,
+            )
 
     def _ensure_marker(self) -> None:
         """Write the v2 marker if missing or older (a v1 store is upgraded in place).

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopstore.store import FileSystemSessionStore, SessionStore
+
+if TYPE_CHECKING:
+    pass
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:

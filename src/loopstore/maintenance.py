@@ -16,6 +16,7 @@ import pydantic
 
 from loopstore import journal, ondisk
 from loopstore.backend import FileStat, SessionHandle
+from loopstore.catalog import CatalogUnusable
 from loopstore.errors import (
     InvalidSessionId,
     SessionError,
@@ -132,7 +133,47 @@ def verify(
         for f in store.backend.list_tmp():
             if f.age_s >= grace_s:
                 report.orphans.append(Orphan(None, f.path, "stale_tmp", f.size, f.age_s))
+        _verify_catalog(store, ids, report)
     return report
+
+
+def _verify_catalog(store: SessionStore, ids: list[str], report: VerifyReport) -> None:
+    """The listing catalog against the sessions; if they disagree, it is rebuilt.
+
+    Sessions marked pending (a commit in flight, or not yet refreshed) are skipped: a
+    listing refreshes them before it answers.
+    """
+    catalog = store.backend.catalog
+    if catalog is None or not catalog.usable():
+        return  # none yet, or from an earlier boot: the next listing rebuilds it
+    marked = set(catalog.marked())
+    wrong: list[str] = []
+    try:
+        for sid in ids:
+            if sid in marked:
+                continue
+            try:
+                state = store.session_state(sid)
+            except SessionError:
+                state = None
+            listed = catalog.entry(sid)
+            actual = None if state is None else (state.generation, state.committed_at_ns)
+            if listed != actual and not (listed is None and state is None):
+                wrong.append(sid)
+        wrong += [sid for sid in catalog.ids() if sid not in marked and not _exists(store, sid)]
+    except CatalogUnusable as exc:
+        report.problems.append(Problem(None, catalog.path, "catalog", f"unreadable: {exc}"))
+        store.reindex()
+        return
+    if wrong:
+        shown = ", ".join(repr(w) for w in wrong[:5]) + (" ..." if len(wrong) > 5 else "")
+        detail = f"{len(wrong)} session(s) listed wrongly ({shown}); rebuilt from the sessions"
+        report.problems.append(Problem(None, catalog.path, "catalog", detail))
+        store.reindex()
+
+
+def _exists(store: SessionStore, session_id: str) -> bool:
+    return store.backend.has_manifest(session_id)
 
 
 def _verify_session(store: SessionStore, sid: str, report: VerifyReport, *, deep: bool) -> None:

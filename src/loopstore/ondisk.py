@@ -115,6 +115,18 @@ def is_valid_session_id(name: str) -> bool:
     return True
 
 
+def is_store_entry(name: str) -> bool:
+    """True for a name a store (or one being created) has at its root.
+
+    A directory holding anything else is someone's files: it is never made a store.
+    """
+    return (
+        name in (SESSIONS_DIR, LOCKS_DIR, TMP_DIR)
+        or name.startswith("loopstore")  # the marker, a demo's own marker
+        or name.startswith(CATALOG_NAME.split(".", 1)[0])  # catalog.sqlite*, catalog.pending
+    )
+
+
 def is_blob_name(name: str) -> bool:
     return _BLOB_NAME_RE.match(name) is not None
 
