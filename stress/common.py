@@ -294,28 +294,19 @@ _lock_waits = threading.local()
 
 
 def install_lock_timer() -> None:
-    """Time every session-lock acquisition in this process (wraps LockManager.acquire).
+    """Time every wait for a session in this process (loopstore.faults.observe_lock_waits).
 
-    The time an op spent waiting for its lock is then logged next to its outcome, which is
-    what the "lock waits" column reports.
+    The time an op spent waiting for its session (the lock, or a group-commit holder) is
+    then logged next to its outcome, which is what the "lock waits" column reports.
     """
-    from loopstore import locking
+    from loopstore import faults
 
-    real = locking.LockManager.acquire
-    if getattr(real, "_stress_timed", False):
-        return
+    def note(session_id: str, seconds: float) -> None:
+        waits = getattr(_lock_waits, "waits", None)
+        if waits is not None:
+            waits.append(seconds)
 
-    def acquire(self: Any, session_id: str, *args: Any, **kwargs: Any) -> object:
-        t0 = time.monotonic()
-        try:
-            return real(self, session_id, *args, **kwargs)
-        finally:
-            waits = getattr(_lock_waits, "waits", None)
-            if waits is not None:
-                waits.append(time.monotonic() - t0)
-
-    acquire._stress_timed = True  # type: ignore[attr-defined]
-    locking.LockManager.acquire = acquire  # type: ignore[method-assign]
+    faults.observe_lock_waits(note)
 
 
 def _take_lock_wait() -> float | None:
@@ -345,7 +336,7 @@ class OpLogger:
 
     def fail(self, n: int, op: str, t0: float, exc: BaseException, **detail: Any) -> None:
         dt = time.monotonic() - t0
-        detail.setdefault("injected", _injected(exc))
+        detail.setdefault("injected", injected(exc))
         self.log.write(
             k="fail",
             n=n,
@@ -371,8 +362,10 @@ class OpLogger:
         self.log.write(k="violation", text=text)
 
 
-def _injected(exc: BaseException) -> bool:
-    """Whether an exception was caused (directly or through its chain) by an injected fault."""
+def injected(exc: BaseException) -> bool:
+    """Whether an exception was caused by an injected fault: through its chain, or, for an
+    append a group-commit holder in another process committed, by the cause it reported
+    (an injected fault's text starts with "injected")."""
     seen: set[int] = set()
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
@@ -380,7 +373,7 @@ def _injected(exc: BaseException) -> bool:
         if type(cur).__name__ == "InjectedFault":
             return True
         cur = cur.__cause__ or cur.__context__
-    return False
+    return type(exc).__name__ == "StorageError" and ": injected " in str(exc)
 
 
 def violations_in(logs: dict[str, list[dict[str, Any]]]) -> list[str]:

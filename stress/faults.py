@@ -5,10 +5,11 @@
 rebinds those three in that worker process only, so a fraction of calls raise an injected
 `OSError` before doing anything. Reads are never faulted.
 
-The rename seam also notes, per thread, whether the call in progress has passed its commit
-point (a rename onto `manifest.json`, or of a session directory to a `deleted-*` name): a
-write that failed *before* that point must leave the old state; one that failed after it
-(say, the directory fsync right after the manifest replace) may have taken effect.
+The seams also note, per thread, whether the call in progress has passed its commit point
+(format v2: writing a journal record, the rename that publishes a new session's directory,
+or the rename of a session directory to a `deleted-*` name): a write that failed *before*
+that point must leave the old state; one that failed after it (say, the fdatasync right
+after the record was written) may have taken effect.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 INJECTED_ERRNOS = (errno.ENOSPC, errno.EIO)
-COMMIT_NAMES = ("manifest.json",)
+RECORD_FRAME_START = b"LSJ1R"
+"""A journal record frame starts so (loopstore.journal): writing one is a commit point."""
+NEW_SESSION_PREFIX = "new-"
 DELETE_PREFIX = "deleted-"
 
 _local = threading.local()
@@ -85,18 +88,20 @@ def install(rate: float, rng: random.Random) -> list[str]:
     real_fsync: Callable[..., None] = atomic.fsync
     real_rename: Callable[..., None] = atomic.rename
 
-    def write_all(fd: int, data: bytes) -> None:
+    def write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
         _maybe_fail("write")
-        real_write(fd, data)
+        real_write(fd, data, offset)
+        if bytes(data[:5]) == RECORD_FRAME_START:
+            _local.committed = True  # a journal record: readers may take it from here on
 
-    def fsync(fd: int) -> None:
+    def fsync(fd: int, *, data_only: bool = False) -> None:
         _maybe_fail("fsync")
-        real_fsync(fd)
+        real_fsync(fd, data_only=data_only)
 
     def rename(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
         _maybe_fail("rename")
         real_rename(src_dir_fd, src, dst_dir_fd, dst)
-        if dst in COMMIT_NAMES or str(dst).startswith(DELETE_PREFIX):
+        if str(src).startswith(NEW_SESSION_PREFIX) or str(dst).startswith(DELETE_PREFIX):
             _local.committed = True
 
     atomic.write_all = write_all
@@ -110,7 +115,7 @@ def check_seams() -> list[str]:
     import importlib
 
     problems = []
-    for name in ("loopstore.store", "loopstore.backend"):
+    for name in ("loopstore.store", "loopstore.fsbackend", "loopstore.catalog"):
         try:
             mod: Any = importlib.import_module(name)
         except ImportError:

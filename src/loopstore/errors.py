@@ -34,8 +34,9 @@ class SessionError(Exception):
         super().__init__(text)
 
     def __reduce__(self) -> tuple[object, ...]:
-        # Keep errors picklable across multiprocessing boundaries.
-        return (_rebuild, (type(self), self.session_id, self.cause, self.path))
+        # Keep errors picklable across multiprocessing boundaries (with any extra data).
+        extra = {k: v for k, v in vars(self).items() if k not in ("session_id", "cause", "path")}
+        return (_rebuild, (type(self), self.session_id, self.cause, self.path), extra)
 
 
 def _rebuild(
@@ -76,10 +77,15 @@ class InvalidSessionId(SessionError, ValueError):
 
 
 class StorageError(SessionError):
-    """An operating-system error (disk full, permission, ...) while touching the store.
+    """An operating-system or object-store error (disk full, permission, ...).
 
     The original `OSError` is chained as ``__cause__``; the message names the path.
+    `maybe_committed` is True when the write failed after its commit point (its record
+    was written, making it durable failed): it may have taken effect, and a later read
+    tells. False means the store is as it was before the call.
     """
+
+    maybe_committed: bool = False
 
 
 class UnsupportedFormat(SessionError):

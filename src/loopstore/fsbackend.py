@@ -27,7 +27,7 @@ from typing import Final
 from loopstore import atomic, journal, locking, ondisk
 from loopstore.backend import FileStat, JournalRead
 from loopstore.catalog import Catalog
-from loopstore.errors import CorruptSession, UnsupportedFormat, storage_error
+from loopstore.errors import CorruptSession, StorageError, UnsupportedFormat, storage_error
 
 NO_LINK_ERRNOS: Final = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
@@ -260,11 +260,18 @@ class FsSession:
                     atomic.sync(self._sfd, "session-dir")
                     atomic.sync(self._b.sessions_fd, "sessions-dir")
         except OSError as exc:
-            # Not durable, and not acknowledged: take the record back (best effort).
-            with contextlib.suppress(OSError):
-                os.ftruncate(j.fd, at)
-            raise self._err("sync journal", self._journal_path(generation), exc) from exc
-        self._mark(j, at + len(frame))
+            # The record stays: a reader may already have seen it (and made it durable
+            # itself). The call fails; whoever reads next fsyncs it again before use.
+            err = storage_error(
+                self.session_id, "sync journal", self._journal_path(generation), exc
+            )
+            err.maybe_committed = True
+            raise err from exc
+        try:
+            self._mark(j, at + len(frame))
+        except StorageError as err:
+            err.maybe_committed = True  # durable, but not marked: committed after all
+            raise
         return at, at + len(frame) + journal.MARK_BYTES
 
     def _mark(self, j: _Journal, at: int) -> None:
@@ -954,11 +961,12 @@ class FileSystemBackend:
         path = self.layout.queue(session_id)
         qfd = self._queue_fd(session_id, create=True)
         assert qfd is not None
+        tmp = atomic.tmp_name(ITEM_SUFFIX)
         try:
-            tmp = token + ondisk.TMP_SUFFIX
             atomic.create_file(qfd, tmp, data, point=None)
             atomic.rename(qfd, tmp, qfd, token + ITEM_SUFFIX)
         except OSError as exc:
+            atomic.unlink_quiet(qfd, tmp)
             raise storage_error(session_id, "hand off append", path, exc) from exc
         finally:
             os.close(qfd)
@@ -1041,12 +1049,13 @@ class FileSystemBackend:
         """Tell the waiter `token` how its claimed append ended (atomically), drop the claim."""
         qfd = self._queue_fd(session_id, create=True)
         assert qfd is not None
+        tmp = atomic.tmp_name(DONE_SUFFIX)
         try:
-            tmp = token + DONE_SUFFIX + ondisk.TMP_SUFFIX
             atomic.create_file(qfd, tmp, data, point=None)
             atomic.rename(qfd, tmp, qfd, token + DONE_SUFFIX)
             atomic.unlink_quiet(qfd, token + CLAIMED_SUFFIX)
         except OSError as exc:
+            atomic.unlink_quiet(qfd, tmp)
             raise storage_error(
                 session_id, "post hand-off outcome", self.layout.queue(session_id), exc
             ) from exc

@@ -140,27 +140,33 @@ def verify(
 def _verify_catalog(store: SessionStore, ids: list[str], report: VerifyReport) -> None:
     """The listing catalog against the sessions; if they disagree, it is rebuilt.
 
-    Sessions marked pending (a commit in flight, or not yet refreshed) are skipped: a
-    listing refreshes them before it answers.
+    A session marked pending (a commit in flight, or not yet refreshed) is skipped: a
+    listing refreshes it before it answers. A disagreement is checked again a few times
+    before it counts, since writers and listers move on while this runs.
     """
     catalog = store.backend.catalog
     if catalog is None or not catalog.usable():
         return  # none yet, or from an earlier boot: the next listing rebuilds it
-    marked = set(catalog.marked())
-    wrong: list[str] = []
-    try:
-        for sid in ids:
-            if sid in marked:
-                continue
+
+    def agrees(sid: str) -> bool:
+        for _attempt in range(READ_RETRIES):
+            if sid in set(catalog.marked()):
+                return True
+            listed = catalog.entry(sid)
             try:
                 state = store.session_state(sid)
+                actual: tuple[int, int] | None = (state.generation, state.committed_at_ns)
+            except SessionNotFound:
+                actual = None
             except SessionError:
-                state = None
-            listed = catalog.entry(sid)
-            actual = None if state is None else (state.generation, state.committed_at_ns)
-            if listed != actual and not (listed is None and state is None):
-                wrong.append(sid)
-        wrong += [sid for sid in catalog.ids() if sid not in marked and not _exists(store, sid)]
+                return True  # damaged: reported by the session check, not here
+            if listed == actual and catalog.entry(sid) == listed:
+                return True
+        return False
+
+    try:
+        wrong = [sid for sid in ids if not agrees(sid)]
+        wrong += [sid for sid in catalog.ids() if sid not in ids and not agrees(sid)]
     except CatalogUnusable as exc:
         report.problems.append(Problem(None, catalog.path, "catalog", f"unreadable: {exc}"))
         store.reindex()
@@ -170,10 +176,6 @@ def _verify_catalog(store: SessionStore, ids: list[str], report: VerifyReport) -
         detail = f"{len(wrong)} session(s) listed wrongly ({shown}); rebuilt from the sessions"
         report.problems.append(Problem(None, catalog.path, "catalog", detail))
         store.reindex()
-
-
-def _exists(store: SessionStore, session_id: str) -> bool:
-    return store.backend.has_manifest(session_id)
 
 
 def _verify_session(store: SessionStore, sid: str, report: VerifyReport, *, deep: bool) -> None:

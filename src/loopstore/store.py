@@ -194,7 +194,12 @@ def decode_loops(raws: Sequence[bytes]) -> list[LoopRecord]:
 
 def _encode_error(err: SessionError) -> bytes:
     return json.dumps(
-        {"type": type(err).__name__, "cause": err.cause, "path": str(err.path or "")}
+        {
+            "type": type(err).__name__,
+            "cause": err.cause,
+            "path": str(err.path or ""),
+            "maybe_committed": bool(getattr(err, "maybe_committed", False)),
+        }
     ).encode()
 
 
@@ -205,6 +210,8 @@ def _decode_error(session_id: str, data: bytes) -> SessionError:
         if not (isinstance(cls, type) and issubclass(cls, SessionError)):
             cls = errors.StorageError
         err: SessionError = cls(session_id, str(doc["cause"]), path=doc.get("path") or None)
+        if doc.get("maybe_committed") and isinstance(err, errors.StorageError):
+            err.maybe_committed = True
         return err
     except (ValueError, KeyError, TypeError):
         return errors.StorageError(session_id, "the group-commit holder failed")
@@ -462,8 +469,10 @@ class SessionStore:
     def _held(self, session_id: str) -> Iterator[None]:
         """The session lock (waiting up to lock_timeout), timed for the observation hook."""
         t0 = time.monotonic()
-        owner = self._backend.locks.acquire(session_id)
-        faults.note_lock_wait(session_id, time.monotonic() - t0)
+        try:
+            owner = self._backend.locks.acquire(session_id)
+        finally:
+            faults.note_lock_wait(session_id, time.monotonic() - t0)
         try:
             yield
         finally:
@@ -569,17 +578,18 @@ class SessionStore:
         item = Item(_token(), d.entry(blob.stored_size), blob, new_header)
         locks = self._backend.locks
         t0 = time.monotonic()
-        owner = locks.try_acquire(session_id)
         own: Item | None = item
-        if owner is None and locks.timeout <= 0:
-            owner = locks.acquire(session_id)  # lock_timeout=0 means one try: SessionLocked
-        if owner is None:
-            handed = self._hand_off(session_id, item, t0 + locks.timeout)
-            if handed is None:
-                faults.note_lock_wait(session_id, time.monotonic() - t0)
-                return
-            owner, own = handed
-        faults.note_lock_wait(session_id, time.monotonic() - t0)
+        try:
+            owner = locks.try_acquire(session_id)
+            if owner is None and (locks.timeout <= 0 or not self._backend.handoff):
+                owner = locks.acquire(session_id)  # lock_timeout=0 means one try
+            if owner is None:
+                handed = self._hand_off(session_id, item, t0 + locks.timeout)
+                if handed is None:
+                    return  # a holder committed it
+                owner, own = handed
+        finally:
+            faults.note_lock_wait(session_id, time.monotonic() - t0)
         try:
             self._serve(session_id, own)
         finally:
@@ -685,19 +695,26 @@ class SessionStore:
             r = self._retry(session_id, attempt)
         except SessionError as exc:
             for it in claimed:
-                b.post_outcome(session_id, it.token, _encode_error(refused.get(it.token, exc)))
+                self._post(session_id, it.token, _encode_error(refused.get(it.token, exc)))
             for token in done:
-                b.post_outcome(session_id, token, b"")
+                self._post(session_id, token, b"")
             raise
         for token in done:
-            b.post_outcome(session_id, token, b"")
+            self._post(session_id, token, b"")
         for it in claimed:
             err = refused.get(it.token)
-            b.post_outcome(session_id, it.token, _encode_error(err) if err else b"")
+            self._post(session_id, it.token, _encode_error(err) if err else b"")
         if own is not None and own.token in refused:
             raise refused[own.token]
         if r is not None:
             self._maybe_fold(session_id, r)
+
+    def _post(self, session_id: str, token: str, outcome: bytes) -> None:
+        """Tell a waiter its outcome. If that fails, its claim stays behind and the next
+        holder resolves it (the commit ids say whether it was committed): the holder's
+        own call does not fail for it."""
+        with contextlib.suppress(SessionError):
+            self._backend.post_outcome(session_id, token, outcome)
 
     def _retry(
         self,
