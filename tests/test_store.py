@@ -97,6 +97,24 @@ def test_append_loop_without_header_opens_the_session_like_the_recorder(
     assert [lp.loop_id for lp in s.loops] == [first.loop_id]
 
 
+def test_the_first_loop_header_is_what_the_session_model_writes() -> None:
+    from loopstore.models import Session, SessionFormation
+    from loopstore.store import _first_loop_header
+
+    loop = make_loop("h", 3)
+    expected = Session(
+        session_id="h",
+        agent_id=loop.agent_id,
+        created_at=loop.started_at,
+        last_active_at=loop.started_at,
+        formation=SessionFormation.first_loop(loop.started_at),
+        parent_spawn_ref=None,
+        loops=[],
+    ).header()
+    assert _first_loop_header("h", loop) == expected
+    assert list(_first_loop_header("h", loop)) == list(expected)
+
+
 def test_append_loop_adds_replaces_and_creates(store: FileSystemSessionStore) -> None:
     header = make_session("a", 0)
     store.append_loop("a", make_loop("a", 0), session=header)

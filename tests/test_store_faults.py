@@ -32,49 +32,77 @@ def _dump(obj: Any) -> str:
 
 
 @pytest.mark.parametrize(
-    ("target", "err", "when"),
-    [
-        ("write_all", errno.ENOSPC, lambda *a: True),
-        ("fsync", errno.EIO, lambda *a: True),
-        # only the journal's fdatasync fails: the written record is taken back
-        ("fsync", errno.EIO, lambda fd: not _is_dir(fd)),
-    ],
+    ("target", "err"),
+    [("write_all", errno.ENOSPC), ("rename", errno.EACCES), ("fsync", errno.EIO)],
 )
-def test_failed_commit_keeps_previous_state(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    target: str,
-    err: int,
-    when: Callable[..., bool],
+def test_failed_write_before_its_commit_point_keeps_the_previous_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, target: str, err: int
 ) -> None:
     store = FileSystemSessionStore(tmp_path / "store", durable=True)
     before = make_session("f", 2)
     store.save(before)
     gen = store.session_info("f").generation
-    monkeypatch.setattr(atomic, target, _failing(getattr(atomic, target), err, when))
+    if target != "rename":  # an append renames nothing; a new session is one rename
+        monkeypatch.setattr(atomic, target, _failing(getattr(atomic, target), err))
+        with pytest.raises(StorageError) as exc:
+            store.append_loop("f", make_loop("f", 2))
+        _names_session_and_path(exc.value, store, "f")
+        # a failed write before the record: nothing of it stays
+        assert exc.value.maybe_committed is (target == "fsync")
+        monkeypatch.undo()
+    monkeypatch.setattr(atomic, target, _failing(getattr(atomic, target), err))
     with pytest.raises(StorageError) as exc:
-        store.append_loop("f", make_loop("f", 2))
-    assert isinstance(exc.value, SessionError)
-    assert exc.value.session_id == "f"
-    assert exc.value.path is not None and exc.value.path.is_relative_to(store.root)
-    assert isinstance(exc.value.__cause__, OSError)
-    assert str(exc.value.path) in str(exc.value)
-    with pytest.raises(StorageError):
         store.save(make_session("new-session", 1))
+    _names_session_and_path(exc.value, store, "new-session")
     monkeypatch.undo()
-    # A new session is published by one rename of its staging directory: fail it.
-    monkeypatch.setattr(atomic, "rename", _failing(atomic.rename, errno.EACCES))
-    with pytest.raises(StorageError):
-        store.save(make_session("new-session", 1))
-    monkeypatch.undo()
-    assert _dump(store.load("f")) == _dump(before)
-    assert store.session_info("f").generation == gen
+    if target != "fsync":
+        assert _dump(store.load("f")) == _dump(before)
+        assert store.session_info("f").generation == gen
     assert not store.exists("new-session")
     assert store.verify().ok
     assert [p for p in (store.root / "tmp").iterdir()] == []
     # The store works again once the fault is gone.
-    store.append_loop("f", make_loop("f", 2))
-    assert len(store.load("f").loops) == 3
+    store.append_loop("f", make_loop("f", 3))
+    assert make_loop("f", 3).loop_id in [lp.loop_id for lp in store.load("f").loops]
+
+
+def test_a_record_whose_fdatasync_failed_stays_and_is_made_durable_by_the_next_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the record is written, a failed fdatasync fails the call with
+    maybe_committed=True; the record stays (a reader may already have seen it), and the
+    next reader fsyncs it before returning it."""
+    store = FileSystemSessionStore(tmp_path / "store", durable=True)
+    store.save(make_session("f", 2))
+    calls: list[int] = []
+    real = atomic.fsync
+    monkeypatch.setattr(atomic, "fsync", _failing(real, errno.EIO, lambda fd: not _is_dir(fd)))
+    with pytest.raises(StorageError) as exc:
+        store.append_loop("f", make_loop("f", 2))
+    assert exc.value.maybe_committed
+    monkeypatch.undo()
+
+    def counting(fd: int, *, data_only: bool = False) -> None:
+        calls.append(fd)
+        real(fd, data_only=data_only)
+
+    monkeypatch.setattr(atomic, "fsync", counting)
+    fresh = FileSystemSessionStore(store.root, durable=True)
+    calls.clear()
+    assert len(fresh.load("f").loops) == 3  # the record stood
+    assert len(calls) == 3  # journal, session directory, sessions/: then it is durable
+    calls.clear()
+    fresh.load("f")
+    assert calls == []  # known durable now (cached): no more fsyncs
+    assert store.verify().ok
+
+
+def _names_session_and_path(err: StorageError, store: FileSystemSessionStore, sid: str) -> None:
+    assert isinstance(err, SessionError)
+    assert err.session_id == sid
+    assert isinstance(err.path, Path) and err.path.is_relative_to(store.root)
+    assert isinstance(err.__cause__, OSError)
+    assert str(err.path) in str(err)
 
 
 def _is_dir(fd: int) -> bool:

@@ -3,13 +3,17 @@
 Conventions (git/restic style): human output on stdout by default, ``--json`` for scripts,
 progress bars and colour only on a terminal, one-line errors on stderr, and exit codes a
 script can trust (see EXIT_*). Reading commands never create a store.
+
+The store is ``--root``, else ``$LOOPSTORE_ROOT``, else ``./.loopstore``: a directory, a
+``file://`` URL or an object store (``s3://bucket/prefix``), opened through
+`loopstore.locations`. Start-up stays light: the store, the models and rich's console are
+imported by the commands that use them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -18,14 +22,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
 from rich.cells import cell_len
-from rich.console import Console
 from rich.text import Text
 
-from loopstore import __version__, models
+from loopstore import __version__
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -33,13 +36,17 @@ from loopstore.errors import (
     SessionLocked,
     SessionNotFound,
     StorageError,
+    UnsupportedFormat,
 )
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from loopstore.catalog import Summary
     from loopstore.models import LoopRecord, Session
     from loopstore.ondisk import LoopEntry
-    from loopstore.reports import Orphan, Problem, SessionInfo
-    from loopstore.store import FileSystemSessionStore
+    from loopstore.reports import Orphan, Problem
+    from loopstore.store import SessionStore
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -94,7 +101,9 @@ def exit_code_for(err: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(err, SessionLocked):
         return EXIT_LOCKED
-    if isinstance(err, InvalidSessionId):
+    if isinstance(err, InvalidSessionId | UnsupportedFormat):
+        # UnsupportedFormat: --root is not a store this loopstore may use (a non-empty
+        # directory that is not a store, a store from a newer loopstore).
         return EXIT_USAGE
     if isinstance(err, CorruptSession):
         return EXIT_PROBLEMS
@@ -130,8 +139,10 @@ def parse_timestamp(text: str | None) -> datetime | None:
     """An RFC 3339 timestamp as phi-core writes it, or None when absent or malformed."""
     if not text:
         return None
+    from loopstore.models import parse_timestamp as parse
+
     try:
-        return models.parse_timestamp(text.strip())
+        return parse(text.strip())
     except ValueError:
         return None
 
@@ -201,16 +212,17 @@ PIPE_WIDTH = 160
 lines never wrap (soft_wrap), this only keeps others' renderables from being cut at 80."""
 
 
-class _Console(Console):
-    """rich's Console, but a closed pipe raises BrokenPipeError for `main` to handle
-    (rich's own handler exits with status 1, which reads as "problems found")."""
-
-    def on_broken_pipe(self) -> None:
-        self.quiet = True
-        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
-
-
 def _make_console(stream: IO[str]) -> Console:
+    from rich.console import Console
+
+    class _Console(Console):
+        """rich's Console, but a closed pipe raises BrokenPipeError for `main` to handle
+        (rich's own handler exits with status 1, which reads as "problems found")."""
+
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
     tty = _wants_colour(stream)
     isatty = getattr(stream, "isatty", None)
     width = None if (isatty and isatty()) or os.environ.get("COLUMNS") else PIPE_WIDTH
@@ -306,7 +318,9 @@ ProgressFn = Callable[[int, int], None]
 def _progress(ctx: Ctx, label: str) -> Iterator[ProgressFn | None]:
     """Yield a (done, total) callback drawing a bar on stderr when it is a terminal.
 
-    Yields None off a terminal so the store skips progress bookkeeping entirely."""
+    Yields None off a terminal so the store skips progress bookkeeping entirely. The bar
+    appears at the first report, so work that reports nothing (a listing whose catalog is
+    current) draws nothing."""
     if not ctx.stderr_tty:
         yield None
         return
@@ -327,12 +341,20 @@ def _progress(ctx: Ctx, label: str) -> Iterator[ProgressFn | None]:
         transient=True,
     )
     task = bar.add_task(label, total=None)
+    started = False
 
     def update(done: int, total: int) -> None:
+        nonlocal started
+        if not started:
+            bar.start()
+            started = True
         bar.update(task, completed=done, total=total)
 
-    with bar:
+    try:
         yield update
+    finally:
+        if started:
+            bar.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,34 +364,73 @@ def _progress(ctx: Ctx, label: str) -> Iterator[ProgressFn | None]:
 
 @dataclass
 class Ctx:
-    root: Path
+    location: str
+    """The store as given (--root / $LOOPSTORE_ROOT): a path, a file:// or an s3:// URL."""
+    local_root: Path | None
+    """The directory of a local store; None for an object store."""
     json: bool
-    out: Console
-    err: Console
     stderr_tty: bool
     lock_timeout: float | None = None
-    _store: FileSystemSessionStore | None = field(default=None, repr=False)
+    _store: SessionStore | None = field(default=None, repr=False)
+    _out: Console | None = field(default=None, repr=False)
+    _err: Console | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        """The store as shown to people and in JSON (`root`)."""
+        return str(self.local_root) if self.local_root is not None else self.location
+
+    @property
+    def out(self) -> Console:
+        if self._out is None:
+            self._out = _make_console(sys.stdout)
+        return self._out
+
+    @property
+    def err(self) -> Console:
+        if self._err is None:
+            self._err = _make_console(sys.stderr)
+        return self._err
 
     def store_exists(self) -> bool:
-        """The marker file is checked before opening, so that reading commands never turn an
-        arbitrary (or missing) directory into a store."""
-        from loopstore.ondisk import Layout
+        """Whether a store is there, checked before opening, so that reading commands never
+        turn an arbitrary (or missing) directory or bucket prefix into a store."""
+        with _location_errors(self.location):
+            return _store_exists(self.location)
 
-        return Layout(self.root).marker.is_file()
-
-    def store(self, *, create: bool = False) -> FileSystemSessionStore:
+    def store(self, *, create: bool = False) -> SessionStore:
         """Open the store; without `create`, a missing store is 'not found' (exit 3) and
         nothing is written."""
         if self._store is None:
             if not create and not self.store_exists():
-                raise CliError(f"store: no loopstore store at {self.root}", EXIT_NOT_FOUND)
-            from loopstore.store import FileSystemSessionStore
+                raise CliError(
+                    f"store: no loopstore store at {self.where}{self._what_is_there()}",
+                    EXIT_NOT_FOUND,
+                )
+            from loopstore import locations
 
             options: dict[str, Any] = {}
             if self.lock_timeout is not None:
                 options["lock_timeout"] = self.lock_timeout
-            self._store = FileSystemSessionStore(self.root, **options)
+            with _location_errors(self.location):
+                self._store = locations.open_store(self.location, **options)
         return self._store
+
+    def _what_is_there(self) -> str:
+        if self.local_root is None:
+            return ""
+        try:
+            if any(self.local_root.iterdir()):
+                return f" (a directory with other files and no {_MARKER_NAME})"
+        except OSError:
+            pass
+        return ""
+
+    def close(self) -> None:
+        if self._store is not None:
+            with contextlib.suppress(Exception):
+                self._store.close()
+            self._store = None
 
     def emit_json(self, obj: object) -> None:
         text = json.dumps(obj, indent=2, ensure_ascii=False)
@@ -381,6 +442,42 @@ class Ctx:
     def note(self, message: str) -> None:
         """A one-line remark on stderr (keeps stdout clean for pipes and --json)."""
         self.err.print(Text(f"{PROG}: {message}", style="dim"))
+
+    def warn(self, message: str) -> None:
+        """A one-line warning on stderr, such as a session a listing could not read."""
+        _write_stderr(f"{PROG}: warning: {_one_line(message)}\n")
+
+
+def _store_exists(location: str) -> bool:
+    """`locations.store_exists` (every kind of store); until that lands, a local store is
+    recognized by its marker file and an object store by opening it."""
+    from loopstore import locations
+
+    probe: Callable[[str], bool] | None = getattr(locations, "store_exists", None)
+    if probe is not None:
+        return bool(probe(location))
+    if locations.is_url(location):
+        locations.open_store(location).close()  # raises for what cannot be opened
+        return True
+    return locations.local_path(location).joinpath(_MARKER_NAME).is_file()
+
+
+_MARKER_NAME = "loopstore.json"
+"""ondisk.MARKER_NAME (not imported: `_store_exists` falls back on it only)."""
+
+
+@contextlib.contextmanager
+def _location_errors(location: str) -> Iterator[None]:
+    """A location this loopstore cannot open (an unknown URL scheme, an object store
+    whose client is not installed) is a usage error naming it, in one line."""
+    try:
+        yield
+    except ImportError as exc:
+        raise CliError(f"store {location}: cannot open it here: {exc}", EXIT_USAGE) from exc
+    except ValueError as exc:
+        if isinstance(exc, SessionError):
+            raise
+        raise CliError(f"store {location}: {exc}", EXIT_USAGE) from exc
 
 
 def _write_text(text: str) -> None:
@@ -472,13 +569,13 @@ def formation_label(formation: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Store adapters: one place that knows the shape of listings returned by the store
+# Store adapters: one place that knows the shape of what the store returns
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclass
 class SessionRow:
-    """What `ls` shows for one session, read from its manifest only."""
+    """What `ls` shows for one session, from the listing catalog only."""
 
     session_id: str
     agent_id: str | None
@@ -508,67 +605,145 @@ def _opt_text(value: Any) -> str | None:
     return None if value is None else _enum_text(value)
 
 
-def session_row(info: SessionInfo) -> SessionRow:
-    spawn = info.header.get("parent_spawn_ref")
-    scope = info.header.get("scope")
+def session_row(summary: Summary) -> SessionRow:
+    """A listing row from a catalog summary (its header is parsed here, nothing is read)."""
+    header = summary.header
+    spawn = header.get("parent_spawn_ref")
+    scope = header.get("scope")
     return SessionRow(
-        session_id=info.session_id,
-        agent_id=info.agent_id,
-        loops=info.loop_count,
-        created_at=info.created_at,
-        last_active_at=info.last_active_at,
+        session_id=summary.session_id,
+        agent_id=summary.agent_id,
+        loops=summary.loop_count,
+        created_at=summary.created_at,
+        last_active_at=summary.last_active_at,
         scope=scope if isinstance(scope, str) else None,
         parent_session_id=spawn.get("parent_session_id") if isinstance(spawn, dict) else None,
-        raw_bytes=info.raw_bytes,
-        stored_bytes=info.stored_bytes,
+        raw_bytes=summary.raw_bytes,
+        stored_bytes=summary.stored_bytes,
     )
+
+
+def _path_text(path: PurePath | str | None) -> str | None:
+    """A report's path: a filesystem path or an object-store URL, as text."""
+    return None if path is None else str(path)
+
+
+def problem_json(p: Problem) -> dict[str, Any]:
+    return {
+        "session_id": p.session_id,
+        "path": _path_text(p.path),
+        "kind": p.kind,
+        "detail": p.detail,
+    }
+
+
+def orphan_json(o: Orphan) -> dict[str, Any]:
+    return {
+        "session_id": o.session_id,
+        "path": _path_text(o.path),
+        "kind": o.kind,
+        "size": o.size,
+        "age_s": round(o.age_s, 3),
+    }
+
+
+def _problem_line(p: Problem, label: str = "PROBLEM") -> Text:
+    """`PROBLEM session 'x': unreadable: cannot read manifest: Permission denied  (path)`."""
+    line = styled(f"{label} ", "bold red")
+    where = f"session {p.session_id!r}" if p.session_id is not None else "store"
+    line.append(f"{where}: {p.kind}: {_one_line(p.detail)}")
+    if p.path is not None:
+        line.append(f"  ({p.path})", style="dim")
+    return line
+
+
+def _print_problems(ctx: Ctx, problems: Iterable[Problem]) -> None:
+    for p in problems:
+        ctx.print(_problem_line(p))
+
+
+def _error_json(session_id: str, err: SessionError) -> dict[str, Any]:
+    """A per-session failure in --json output (rm, export-legacy, checkpoint)."""
+    return {
+        "session_id": session_id,
+        "error": type(err).__name__,
+        "cause": err.cause,
+        "path": _path_text(err.path),
+    }
+
+
+def _plural(n: int, word: str, many: str | None = None) -> str:
+    return f"{format_count(n)} {word if n == 1 else (many or word + 's')}"
 
 
 # ---------------------------------------------------------------------------------------------
 # Commands
 # ---------------------------------------------------------------------------------------------
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-SORT_KEYS: dict[str, tuple[Callable[[SessionRow], Any], bool]] = {
-    # name: (key, descending by default)
-    "active": (lambda r: parse_timestamp(r.last_active_at) or _EPOCH, True),
-    "created": (lambda r: parse_timestamp(r.created_at) or _EPOCH, True),
-    "size": (lambda r: r.stored_bytes, True),
-    "loops": (lambda r: r.loops, True),
-    "id": (lambda r: r.session_id, False),
-    "agent": (lambda r: (r.agent_id or "", r.session_id), False),
-}
+SORT_ORDERS = ("active", "agent", "created", "id", "loops", "size")
+"""`ls --sort` choices: the listing catalog's orders (`loopstore.catalog.ORDERS`). active,
+created, size and loops list the largest (most recent) first; id and agent A to Z."""
+
+
+def _damaged_json(damaged: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
+    return [{"session_id": sid, "error": cause} for sid, cause in damaged]
+
+
+def _warn_damaged(ctx: Ctx, damaged: Sequence[tuple[str, str]]) -> None:
+    for sid, cause in damaged:
+        ctx.warn(f"session {sid!r}: {cause} (`{PROG} verify` says more)")
+
+
+def _nothing_recorded_yet(ctx: Ctx) -> bool:
+    """No store yet where one is expected (`ls` and `stats` then show an empty store, so
+    a fleet that has recorded nothing is not an error): a missing or empty directory, or
+    an object-store prefix without a store. A directory holding other files is not a
+    store: the command goes on and reports it (exit 3), as a mistyped --root."""
+    if ctx.store_exists():
+        return False
+    if ctx.local_root is None:
+        return True
+    try:
+        return not any(ctx.local_root.iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def cmd_ls(ctx: Ctx, args: argparse.Namespace) -> int:
-    if not ctx.store_exists():
+    """From the listing catalog only: no session file is read, whatever the store's size
+    (the catalog rebuilds itself from the sessions when it is missing or stale)."""
+    if _nothing_recorded_yet(ctx):
         if ctx.json:
-            ctx.emit_json({"root": str(ctx.root), "exists": False, "sessions": [], "damaged": []})
+            ctx.emit_json({"root": ctx.where, "exists": False, "sessions": [], "damaged": []})
         else:
-            ctx.note(f"no store at {ctx.root} (nothing recorded yet)")
+            ctx.note(f"no store at {ctx.where} (nothing recorded yet)")
         return EXIT_OK
-    damaged: list[SessionError] = []
-    rows = [session_row(info) for info in ctx.store().iter_manifests(on_error=damaged.append)]
-    for err in damaged:
-        _report_error(err, prefix="warning")
+    store = ctx.store()
+    with _progress(ctx, "indexing sessions") as progress:
+        summaries = store.sessions(
+            agent_id=args.agent,
+            order=args.sort,
+            limit=args.limit,
+            reverse=args.reverse,
+            progress=progress,
+        )
+    damaged = store.damaged_sessions()
     code = EXIT_PROBLEMS if damaged else EXIT_OK
-    if args.agent is not None:
-        rows = [r for r in rows if r.agent_id == args.agent]
-    key, descending = SORT_KEYS[args.sort]
-    rows.sort(key=key, reverse=descending != args.reverse)
-    if args.limit is not None:
-        rows = rows[: args.limit]
     if ctx.json:
         ctx.emit_json(
             {
-                "root": str(ctx.root),
+                "root": ctx.where,
                 "exists": True,
-                "sessions": [r.to_json() for r in rows],
-                "damaged": [{"session_id": e.session_id, "error": str(e)} for e in damaged],
+                "sessions": [session_row(s).to_json() for s in summaries],
+                "damaged": _damaged_json(damaged),
             }
         )
+        _warn_damaged(ctx, damaged)
         return code
-    if not rows:
+    _warn_damaged(ctx, damaged)
+    if not summaries:
         ctx.note("no sessions" + (f" for agent {args.agent!r}" if args.agent else ""))
         return code
     now = datetime.now(timezone.utc)
@@ -581,13 +756,13 @@ def cmd_ls(ctx: Ctx, args: argparse.Namespace) -> int:
     ]
     table = [
         [
-            r.session_id,
-            r.agent_id or "-",
-            format_count(r.loops),
-            format_relative(parse_timestamp(r.last_active_at), now),
-            format_size(r.stored_bytes),
+            s.session_id,
+            s.agent_id or "-",
+            format_count(s.loop_count),
+            format_relative(parse_timestamp(s.last_active_at), now),
+            format_size(s.stored_bytes),
         ]
-        for r in rows
+        for s in summaries
     ]
     for line in render_table(columns, table):
         ctx.print(line)
@@ -664,10 +839,21 @@ def _short_loop_id(session_id: str, loop_id: str) -> str:
     return loop_id[len(prefix) :] if loop_id.startswith(prefix) else loop_id
 
 
+def _storage_label(generation: int, journal_records: int) -> str:
+    """Where the session's last commits are: folded into its checkpoint, or still in its
+    journal (what `loopstore checkpoint` folds)."""
+    if not journal_records:
+        return f"generation {generation}, at rest (every loop in loops/, no journal records)"
+    return (
+        f"generation {generation}, {_plural(journal_records, 'journal record')} not yet "
+        f"folded (`{PROG} checkpoint` folds them)"
+    )
+
+
 def cmd_show(ctx: Ctx, args: argparse.Namespace) -> int:
     store = ctx.store()
     session = store.load(args.session)
-    # Sizes come from the manifest; it may be a commit newer than the loaded session.
+    # Sizes come from the session's index; it may be a commit newer than the loaded session.
     info = store.session_info(args.session)
     entries = {e.loop_id: e for e in info.loops}
     loops = [_loop_json(i, lp, entries.get(lp.loop_id)) for i, lp in enumerate(session.loops, 1)]
@@ -681,6 +867,8 @@ def cmd_show(ctx: Ctx, args: argparse.Namespace) -> int:
                 "usage": total,
                 "raw_bytes": raw,
                 "stored_bytes": stored,
+                "generation": info.generation,
+                "journal_records": info.journal_records,
             }
         )
         return EXIT_OK
@@ -712,6 +900,7 @@ def cmd_show(ctx: Ctx, args: argparse.Namespace) -> int:
             f"{format_ratio(raw, stored)})",
         )
     )
+    pairs.append(("storage", _storage_label(info.generation, info.journal_records)))
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
         line = styled(f"{k + ':':<{width + 1}} ", style="bold")
@@ -931,18 +1120,13 @@ def cmd_tree(ctx: Ctx, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def loop_json_bytes(loop: LoopRecord) -> bytes:
-    """One loop in the same form as loopstore.legacy writes whole sessions."""
-    return json.dumps(loop.model_dump(mode="json"), indent=2, ensure_ascii=False).encode()
-
-
 MAX_LISTED_MATCHES = 20
 """An ambiguous loop suffix lists this many matching loop ids (the error is one line)."""
 
 
 def _resolve_loop(ctx: Ctx, session_id: str, wanted: str) -> str:
     """A loop given as its id, its 1-based `#` from `show` (negative: from the end), or a
-    unique dotted suffix of its id (`claude-sonnet-4-5.2`)."""
+    unique dotted suffix of its id (`claude-sonnet-4-5.2`). Reads the session's index only."""
     store = ctx.store()
     ids = [e.loop_id for e in store.session_info(session_id).loops]
     if wanted in ids:
@@ -969,14 +1153,13 @@ def _resolve_loop(ctx: Ctx, session_id: str, wanted: str) -> str:
 
 
 def cmd_cat(ctx: Ctx, args: argparse.Namespace) -> int:
-    from loopstore.legacy import legacy_bytes
-
+    """The stored JSON as it is: no model is built (`load_json` / `load_loop_json`)."""
     store = ctx.store()
     if args.loop is None:
-        data = legacy_bytes(store.load(args.session))
+        data = store.load_json(args.session)
     else:
         loop_id = _resolve_loop(ctx, args.session, args.loop)
-        data = loop_json_bytes(store.load_loop(args.session, loop_id))
+        data = store.load_loop_json(args.session, loop_id)
     # phi-core's files end without a newline; add one only for a person at a terminal.
     if sys.stdout.isatty():
         data += b"\n"
@@ -984,28 +1167,38 @@ def cmd_cat(ctx: Ctx, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_EMPTY_STATS: dict[str, Any] = {
+    "sessions": 0,
+    "loops": 0,
+    "blobs": 0,
+    "raw_bytes": 0,
+    "stored_bytes": 0,
+    "ratio": None,
+    "orphans": 0,
+    "disk_bytes": 0,
+    "journal_records": 0,
+    "journal_bytes": 0,
+    "damaged": 0,
+    "problems": [],
+}
+
+
 def cmd_stats(ctx: Ctx, args: argparse.Namespace) -> int:
-    if not ctx.store_exists():
-        stats: dict[str, Any] = {
-            "root": str(ctx.root),
-            "exists": False,
-            "sessions": 0,
-            "loops": 0,
-            "blobs": 0,
-            "raw_bytes": 0,
-            "stored_bytes": 0,
-            "ratio": None,
-            "orphans": 0,
-            "disk_bytes": 0,
-            "damaged": 0,
-        }
+    """Totals from the sessions' indexes (no blob is read). They agree with `verify`:
+    sessions + damaged = what verify checks, blobs = the blobs verify checks (on a healthy
+    store), orphans = the orphans verify lists."""
+    problems: list[Problem] = []
+    if _nothing_recorded_yet(ctx):
+        stats: dict[str, Any] = {"root": ctx.where, "exists": False, "ok": True, **_EMPTY_STATS}
         if not ctx.json:
-            ctx.note(f"no store at {ctx.root} (nothing recorded yet)")
+            ctx.note(f"no store at {ctx.where} (nothing recorded yet)")
     else:
         s = ctx.store().stats()
+        problems = list(s.problems)
         stats = {
-            "root": str(ctx.root),
+            "root": ctx.where,
             "exists": True,
+            "ok": not s.damaged,
             "sessions": s.sessions,
             "loops": s.loops,
             "blobs": s.blobs,
@@ -1014,15 +1207,26 @@ def cmd_stats(ctx: Ctx, args: argparse.Namespace) -> int:
             "ratio": round(s.raw_bytes / s.stored_bytes, 3) if s.stored_bytes else None,
             "orphans": s.orphans,
             "disk_bytes": s.disk_bytes,
+            "journal_records": s.journal_records,
+            "journal_bytes": s.journal_bytes,
             "damaged": s.damaged,
+            "problems": [problem_json(p) for p in problems],
         }
-    status = EXIT_PROBLEMS if stats["damaged"] else EXIT_OK
+    status = EXIT_OK if stats["ok"] else EXIT_PROBLEMS
     if ctx.json:
         ctx.emit_json(stats)
         return status
+    sessions, damaged = stats["sessions"], stats["damaged"]
+    counted = format_count(sessions)
+    if damaged:
+        counted = (
+            f"{format_count(sessions + damaged)}  ({format_count(sessions)} readable, "
+            f"{format_count(damaged)} damaged: listed below)"
+        )
+    journal = stats["journal_records"]
     pairs = [
         ("root", stats["root"]),
-        ("sessions", format_count(stats["sessions"])),
+        ("sessions", counted),
         ("loops", format_count(stats["loops"])),
         ("blobs", format_count(stats["blobs"])),
         ("raw", f"{format_size(stats['raw_bytes'])}  ({format_count(stats['raw_bytes'])} B)"),
@@ -1032,89 +1236,85 @@ def cmd_stats(ctx: Ctx, args: argparse.Namespace) -> int:
         ),
         ("ratio", format_ratio(stats["raw_bytes"], stats["stored_bytes"])),
         ("on disk", format_size(stats["disk_bytes"])),
-        ("orphans", format_count(stats["orphans"])),
+        (
+            "journals",
+            (
+                f"{_plural(journal, 'record')} not yet folded "
+                f"({format_size(stats['journal_bytes'])}; `{PROG} checkpoint --all` folds them)"
+            )
+            if journal
+            else "0 records (every session at rest)",
+        ),
+        (
+            "orphans",
+            format_count(stats["orphans"])
+            + (
+                f"  (`{PROG} verify -v` lists them, `{PROG} gc` removes them)"
+                if stats["orphans"]
+                else ""
+            ),
+        ),
     ]
-    if stats["damaged"]:
-        pairs.append(("damaged", f"{stats['damaged']} sessions (`loopstore verify` says which)"))
     width = max(len(k) for k, _ in pairs)
     for k, v in pairs:
         line = styled(f"{k + ':':<{width + 1}} ", style="bold")
         line.append(v)
         ctx.print(line)
+    _print_problems(ctx, problems)
     return status
-
-
-def _problem_json(p: Problem) -> dict[str, Any]:
-    return {"session_id": p.session_id, "path": str(p.path), "kind": p.kind, "detail": p.detail}
-
-
-def _orphan_json(o: Orphan) -> dict[str, Any]:
-    return {
-        "session_id": o.session_id,
-        "path": str(o.path),
-        "kind": o.kind,
-        "size": o.size,
-        "age_s": round(o.age_s, 3),
-    }
 
 
 def cmd_verify(ctx: Ctx, args: argparse.Namespace) -> int:
     store = ctx.store()
     with _progress(ctx, "verifying") as progress:
         report = store.verify(args.session, progress=progress, deep=args.deep)
-    problems = [_problem_json(p) for p in report.problems]
-    orphans = [_orphan_json(o) for o in report.orphans]
+    problems = [problem_json(p) for p in report.problems]
+    orphans = [orphan_json(o) for o in report.orphans]
     result = {
         "ok": report.ok,
         "session_id": args.session,
         "sessions_checked": report.sessions_checked,
+        "damaged_sessions": report.damaged_sessions,
         "blobs_checked": report.blobs_checked,
+        "journal_records": report.journal_records,
         "problems": problems,
         "orphans": orphans,
     }
     if ctx.json:
         ctx.emit_json(result)
+        return EXIT_OK if report.ok else EXIT_PROBLEMS
+    _print_problems(ctx, report.problems)
+    if args.verbose:
+        for o in orphans:
+            ctx.print(
+                Text(
+                    f"orphan  {o['kind']}  {o['path']}  {format_size(o['size'])}, "
+                    f"{format_duration(o['age_s'])} old",
+                    style="dim",
+                )
+            )
     else:
-        for p in problems:
-            line = styled("PROBLEM ", style="bold red")
-            line.append(f"session {p['session_id']!r}: {p['kind']}: {p['detail']}")
-            line.append(f"  ({p['path']})", style="dim")
-            ctx.print(line)
-        if args.verbose:
-            for o in orphans:
-                ctx.print(
-                    Text(
-                        f"orphan  {o['kind']}  {o['path']}  {format_size(o['size'])}, "
-                        f"{format_duration(o['age_s'])} old",
-                        style="dim",
-                    )
+        kinds: dict[str, list[int]] = {}
+        for o in orphans:
+            kinds.setdefault(o["kind"], []).append(o["size"])
+        for kind, sizes in sorted(kinds.items()):
+            ctx.print(
+                Text(
+                    f"orphans {kind}: {len(sizes)} ({format_size(sum(sizes))}); -v lists them",
+                    style="dim",
                 )
-        else:
-            kinds: dict[str, list[int]] = {}
-            for o in orphans:
-                kinds.setdefault(o["kind"], []).append(o["size"])
-            for kind, sizes in sorted(kinds.items()):
-                ctx.print(
-                    Text(
-                        f"orphans {kind}: {len(sizes)} ({format_size(sum(sizes))}); -v lists them",
-                        style="dim",
-                    )
-                )
-        summary = styled(
-            "ok" if report.ok else "DAMAGED", "bold green" if report.ok else "bold red"
-        )
-        summary.append(
-            f": {_plural(report.sessions_checked, 'session')}, "
-            f"{_plural(report.blobs_checked, 'blob')} checked, "
-            f"{_plural(len(problems), 'problem')}, {_plural(len(orphans), 'orphan')}"
-            + (" (`loopstore gc` removes orphans)" if orphans and report.ok else "")
-        )
-        ctx.print(summary)
+            )
+    summary = styled("ok" if report.ok else "DAMAGED", "bold green" if report.ok else "bold red")
+    damaged = report.damaged_sessions
+    summary.append(
+        f": {_plural(report.sessions_checked, 'session')}"
+        + (f" ({format_count(damaged)} damaged)" if damaged else "")
+        + f", {_plural(report.blobs_checked, 'blob')} checked, "
+        f"{_plural(len(problems), 'problem')}, {_plural(len(orphans), 'orphan')}"
+        + (f" (`{PROG} gc` removes orphans)" if orphans and report.ok else "")
+    )
+    ctx.print(summary)
     return EXIT_OK if report.ok else EXIT_PROBLEMS
-
-
-def _plural(n: int, word: str, many: str | None = None) -> str:
-    return f"{format_count(n)} {word if n == 1 else (many or word + 's')}"
 
 
 def cmd_gc(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -1124,28 +1324,54 @@ def cmd_gc(ctx: Ctx, args: argparse.Namespace) -> int:
     grace = GC_GRACE_S if args.grace is None else args.grace
     with _progress(ctx, "collecting garbage") as progress:
         report = store.gc(grace, progress=progress, dry_run=args.dry_run)
-    result = {"dry_run": bool(args.dry_run), "grace_s": grace, **dataclasses.asdict(report)}
+    code = EXIT_OK if report.ok else EXIT_PROBLEMS
     if ctx.json:
-        ctx.emit_json(result)
-    else:
-        verb = "would remove" if args.dry_run else "removed"
+        ctx.emit_json(
+            {
+                "ok": report.ok,
+                "dry_run": bool(args.dry_run),
+                "grace_s": grace,
+                "sessions_scanned": report.sessions_scanned,
+                "sessions_skipped": report.sessions_skipped,
+                "blobs_removed": report.blobs_removed,
+                "journals_removed": report.journals_removed,
+                "handoffs_removed": report.handoffs_removed,
+                "tmp_removed": report.tmp_removed,
+                "dirs_removed": report.dirs_removed,
+                "bytes_freed": report.bytes_freed,
+                "kept_young": report.kept_young,
+                "problems": [problem_json(p) for p in report.problems],
+            }
+        )
+        return code
+    _print_problems(ctx, report.problems)
+    verb = "would remove" if args.dry_run else "removed"
+    counts = [
+        (report.blobs_removed, "blob", None),
+        (report.journals_removed, "old journal", None),
+        (report.handoffs_removed, "hand-off file", None),
+        (report.tmp_removed, "tmp file", None),
+        (report.dirs_removed, "directory", "directories"),
+    ]
+    parts = [_plural(n, word, many) for n, word, many in counts if n]
+    removed = f"{', '.join(parts)}, {format_size(report.bytes_freed)} freed" if parts else "nothing"
+    scanned = _plural(report.sessions_scanned, "session") + " scanned"
+    if report.problems:
+        scanned += f", {report.sessions_skipped} skipped (listed above)"
+    ctx.print(
+        styled(f"gc {verb}: ", style="bold") + Text(f"{removed} ({scanned}; grace {grace:g} s)")
+    )
+    if report.kept_young:
         ctx.print(
-            styled(f"gc {verb}: ", style="bold")
-            + Text(
-                f"{_plural(report.blobs_removed, 'blob')}, "
-                f"{_plural(report.tmp_removed, 'tmp file')}, "
-                f"{_plural(report.dirs_removed, 'directory', 'directories')}, "
-                f"{format_size(report.bytes_freed)} freed"
-                f" ({_plural(report.sessions_scanned, 'session')} scanned"
-                + (
-                    f", {report.sessions_skipped} skipped: locked or damaged"
-                    if report.sessions_skipped
-                    else ""
-                )
-                + f"; grace {grace:g} s)"
+            Text(
+                f"kept {_plural(report.kept_young, 'unreferenced file')} younger than the "
+                f"grace period ({grace:g} s): a writer or reader may still be using "
+                f"{'it' if report.kept_young == 1 else 'them'}; a later gc removes "
+                f"{'it' if report.kept_young == 1 else 'them'}",
+                style="dim",
             )
         )
-    return EXIT_OK
+    return code
 
 
 def cmd_import_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -1154,18 +1380,27 @@ def cmd_import_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
         raise CliError(f"import-legacy: no such directory: {source}", EXIT_NOT_FOUND)
     store = ctx.store(create=True)
     with _progress(ctx, "importing") as progress:
-        report = store.import_legacy(source, progress=progress)
+        report = store.import_legacy(source, progress=progress, overwrite=args.overwrite)
     result = {
         "source": str(source),
         "ok": report.ok,
+        "overwrite": bool(args.overwrite),
         "imported": report.imported,
         "updated": report.updated,
         "unchanged": report.unchanged,
-        "failed": [{"path": str(f.path), "reason": f.reason} for f in report.failed],
+        "conflicts": report.conflicts,
+        "failed": [{"path": _path_text(f.path), "reason": f.reason} for f in report.failed],
     }
     if ctx.json:
         ctx.emit_json(result)
     else:
+        for sid in report.conflicts:
+            line = styled("CONFLICT ", style="bold yellow")
+            line.append(
+                f"session {sid!r}: the store holds loops or a newer state that the file "
+                "lacks; left unchanged (--overwrite: the file wins)"
+            )
+            ctx.print(line)
         for f in report.failed:
             line = styled("FAILED ", style="bold red")
             line.append(f"{f.path}: {_one_line(f.reason)}")
@@ -1174,10 +1409,50 @@ def cmd_import_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
             styled(f"import from {source}: ", style="bold")
             + Text(
                 f"{len(report.imported)} new, {len(report.updated)} updated, "
-                f"{len(report.unchanged)} unchanged, {len(report.failed)} failed"
+                f"{len(report.unchanged)} unchanged, "
+                f"{_plural(len(report.conflicts), 'conflict')}, {len(report.failed)} failed"
             )
         )
     return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+@dataclass
+class _Batch:
+    """The outcome of a command run session by session (rm, export-legacy, checkpoint):
+    each failure is reported in one line on stderr and the others are still done."""
+
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    first_error: SessionError | None = None
+
+    def run(self, session_id: str, action: Callable[[], Any]) -> Any:
+        try:
+            return action()
+        except SessionError as err:
+            _report_error(err)
+            self.failed.append(_error_json(session_id, err))
+            self.first_error = self.first_error or err
+            return None
+
+    def exit_code(self, *, all_sessions: bool) -> int:
+        """Named sessions: the first failure's code (3 not found, 4 locked, ...); a
+        store-wide run: 1, something was wrong."""
+        if self.first_error is None:
+            return EXIT_OK
+        return EXIT_PROBLEMS if all_sessions else exit_code_for(self.first_error)
+
+
+def _session_targets(ctx: Ctx, args: argparse.Namespace, command: str) -> list[str]:
+    """SESSION... or --all (every session, damaged ones too, so that each is reported)."""
+    if args.all and args.sessions:
+        raise CliError(f"{command}: give SESSION... or --all, not both", EXIT_USAGE)
+    if not args.all and not args.sessions:
+        raise CliError(f"{command}: give SESSION... or --all", EXIT_USAGE)
+    store = ctx.store()
+    if args.all:
+        with _progress(ctx, "indexing sessions") as progress:
+            ids = [s.session_id for s in store.sessions(order="id", progress=progress)]
+        return ids + [sid for sid, _cause in store.damaged_sessions()]
+    return list(args.sessions)
 
 
 def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -1186,54 +1461,173 @@ def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
         if len(targets) != 1:
             raise CliError("export-legacy --all takes exactly one argument: DIR", EXIT_USAGE)
         dest = Path(targets[0])
-        store = ctx.store()
-        ids = store.list_ids()
+        args.sessions = []
     else:
         if len(targets) < 2:
             raise CliError("export-legacy needs SESSION... DIR (or --all DIR)", EXIT_USAGE)
         dest = Path(targets[-1])
-        ids = targets[:-1]
-        store = ctx.store()
+        args.sessions = targets[:-1]
     check_directory_argument(dest, "export-legacy: DIR")
+    store = ctx.store()
+    ids = _session_targets(ctx, args, "export-legacy")
+    batch = _Batch()
     written: list[dict[str, str]] = []
     with _progress(ctx, "exporting") as progress:
         for done, session_id in enumerate(ids, 1):
-            path = store.export_legacy(session_id, dest)
-            written.append({"session_id": session_id, "path": str(path)})
+
+            def export(sid: str = session_id) -> Path:
+                return store.export_legacy(sid, dest)
+
+            path = batch.run(session_id, export)
+            if path is not None:
+                written.append({"session_id": session_id, "path": str(path)})
             if progress is not None:
                 progress(done, len(ids))
+    ok = not batch.failed
     if ctx.json:
-        ctx.emit_json({"dest": str(dest), "exported": written})
+        ctx.emit_json({"dest": str(dest), "ok": ok, "exported": written, "failed": batch.failed})
     else:
         for w in written:
             ctx.print(Text(w["path"]))
-        ctx.note(f"exported {len(written)} session{'s' if len(written) != 1 else ''} to {dest}")
-    return EXIT_OK
+        ctx.note(
+            f"exported {_plural(len(written), 'session')} to {dest}"
+            + (f"; {len(batch.failed)} failed (above)" if batch.failed else "")
+        )
+    return batch.exit_code(all_sessions=args.all)
+
+
+def cmd_checkpoint(ctx: Ctx, args: argparse.Namespace) -> int:
+    """Fold journals now, so that every blob is a plain file in loops/ (what rsync,
+    snapshots and tar should see at rest)."""
+    store = ctx.store()
+    ids = _session_targets(ctx, args, "checkpoint")
+    batch = _Batch()
+    folded: list[str] = []
+    at_rest: list[str] = []
+    with _progress(ctx, "checkpointing") as progress:
+        for done, session_id in enumerate(ids, 1):
+
+            def fold(sid: str = session_id) -> bool:
+                return store.checkpoint(sid)
+
+            outcome = batch.run(session_id, fold)
+            if outcome is True:
+                folded.append(session_id)
+            elif outcome is False:
+                at_rest.append(session_id)
+            if progress is not None and args.all:
+                progress(done, len(ids))
+    if ctx.json:
+        ctx.emit_json(
+            {
+                "ok": not batch.failed,
+                "checkpointed": folded,
+                "at_rest": at_rest,
+                "failed": batch.failed,
+            }
+        )
+    else:
+        if not args.all:
+            for sid in folded:
+                ctx.print(Text(f"checkpointed {sid}"))
+            for sid in at_rest:
+                ctx.print(Text(f"at rest {sid} (nothing to fold)", style="dim"))
+        ctx.print(
+            styled("checkpoint: ", "bold")
+            + Text(
+                f"{_plural(len(folded), 'session')} folded, {len(at_rest)} already at rest, "
+                f"{len(batch.failed)} failed"
+            )
+        )
+    return batch.exit_code(all_sessions=args.all)
+
+
+def cmd_migrate(ctx: Ctx, args: argparse.Namespace) -> int:
+    from loopstore.ondisk import FORMAT_VERSION
+
+    store = ctx.store()
+    with _progress(ctx, "migrating") as progress:
+        report = store.migrate(progress=progress)
+    code = EXIT_OK if report.ok else EXIT_PROBLEMS
+    if ctx.json:
+        ctx.emit_json(
+            {
+                "ok": report.ok,
+                "format_version": FORMAT_VERSION,
+                "sessions": report.sessions,
+                "upgraded": report.upgraded,
+                "current": report.current,
+                "problems": [problem_json(p) for p in report.problems],
+            }
+        )
+        return code
+    _print_problems(ctx, report.problems)
+    ctx.print(
+        styled("migrate: ", "bold")
+        + Text(
+            f"{_plural(report.sessions, 'session')}: {report.upgraded} upgraded to format "
+            f"v{FORMAT_VERSION}, {report.current} already v{FORMAT_VERSION}, "
+            f"{_plural(len(report.problems), 'problem')}"
+        )
+    )
+    return code
+
+
+def cmd_reindex(ctx: Ctx, args: argparse.Namespace) -> int:
+    """Rebuild the listing catalog from the sessions (listings do it on their own when it
+    is missing or stale; this is for a catalog you distrust, or to pay the cost now)."""
+    store = ctx.store()
+    with _progress(ctx, "reindexing") as progress:
+        listed = store.reindex(progress=progress)
+    damaged = store.damaged_sessions()
+    code = EXIT_PROBLEMS if damaged else EXIT_OK
+    if ctx.json:
+        ctx.emit_json(
+            {
+                "root": ctx.where,
+                "ok": not damaged,
+                "sessions": listed,
+                "damaged": _damaged_json(damaged),
+            }
+        )
+        _warn_damaged(ctx, damaged)
+        return code
+    _warn_damaged(ctx, damaged)
+    ctx.print(
+        styled("reindex: ", "bold")
+        + Text(f"{_plural(listed, 'session')} listed, {len(damaged)} damaged")
+    )
+    return code
 
 
 def cmd_rm(ctx: Ctx, args: argparse.Namespace) -> int:
     store = ctx.store()
-    first_error: SessionError | None = None
+    batch = _Batch()
     removed: list[str] = []
     for session_id in args.sessions:
-        try:
-            store.delete(session_id)
-        except SessionError as err:
-            _report_error(err)
-            first_error = first_error or err
-            continue
-        removed.append(session_id)
+
+        def delete(sid: str = session_id) -> bool:
+            store.delete(sid)
+            return True
+
+        if batch.run(session_id, delete):
+            removed.append(session_id)
     if ctx.json:
-        ctx.emit_json({"removed": removed})
+        ctx.emit_json({"ok": not batch.failed, "removed": removed, "failed": batch.failed})
     else:
         for session_id in removed:
             ctx.print(Text(f"removed {session_id}"))
-    return exit_code_for(first_error) if first_error else EXIT_OK
+    return batch.exit_code(all_sessions=False)
 
 
 def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
     from loopstore import demo
 
+    if ctx.local_root is None:
+        raise CliError(
+            f"demo: records into a directory store; --root {ctx.location} is not one",
+            EXIT_USAGE,
+        )
     kwargs: dict[str, Any] = {}
     for name in ("workers", "sessions", "loops", "seed"):
         value = getattr(args, name)
@@ -1243,7 +1637,7 @@ def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
         if getattr(args, flag):
             kwargs[flag] = True
     try:
-        result = demo.run_demo(ctx.root, console=ctx.out, **kwargs)
+        result = demo.run_demo(ctx.local_root, console=ctx.out, **kwargs)
     except demo.DemoUsageError as exc:  # options out of bounds, a root it may not use
         raise CliError(f"demo: {exc}", EXIT_USAGE) from exc
     except KeyboardInterrupt:
@@ -1254,12 +1648,41 @@ def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
     return EXIT_OK if ok is None or ok else EXIT_PROBLEMS
 
 
+def _is_url(text: str) -> bool:
+    from loopstore.locations import is_url
+
+    return is_url(text)
+
+
+def check_backup_dest(dest: Path) -> None:
+    """A local DEST that is a file, lies under one, or is a non-empty directory that is
+    not a store is a usage error (exit 2), refused before anything is written."""
+    check_directory_argument(dest, "backup: DEST")
+    from loopstore import ondisk
+
+    try:
+        names = os.listdir(dest)
+    except OSError:  # missing (created by backup) or unreadable (backup reports it)
+        return
+    if ondisk.MARKER_NAME in names:
+        return
+    foreign = sorted(n for n in names if not ondisk.is_store_entry(n))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CliError(
+            f"backup: DEST {dest} is a non-empty directory that is not a loopstore store "
+            f"({shown}); refusing to write into it",
+            EXIT_USAGE,
+        )
+
+
 def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
     from loopstore.backup import backup, verify_backup
 
     store = ctx.store()
-    dest = Path(args.dest)
-    check_directory_argument(dest, "backup: DEST")
+    dest: str = args.dest
+    if not _is_url(dest):
+        check_backup_dest(Path(dest.removeprefix("file://")))
     with _progress(ctx, "backing up") as progress:
         report = backup(
             store, dest, prune=not args.keep_deleted, progress=progress, link=not args.copy
@@ -1270,49 +1693,54 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
         with _progress(ctx, "verifying backup") as progress:
             check = verify_backup(store, dest, progress=progress)
         result["verify"] = check.as_dict()
+    ok = report.ok and (check is None or check.ok)
+    result["ok"] = ok
     if ctx.json:
         ctx.emit_json(result)
-    else:
-        for failure in report.failed:
-            line = styled("FAILED ", "bold red")
-            line.append(f"session {failure.session_id!r}: {_one_line(failure.reason)}")
-            ctx.print(line)
+        return EXIT_OK if ok else EXIT_PROBLEMS
+    for failure in report.failed:
+        line = styled("FAILED ", "bold red")
+        line.append(
+            f"session {failure.session_id!r}: {_one_line(failure.reason)}; "
+            "the backup keeps its previous copy of it"
+        )
+        ctx.print(line)
+    vanished = (
+        f", {report.sessions_vanished} deleted while copying" if report.sessions_vanished else ""
+    )
+    ctx.print(
+        styled(f"backup to {report.dest}: ", "bold")
+        + Text(
+            f"{_plural(report.sessions, 'session')} ({report.sessions_updated} updated, "
+            f"{report.sessions_unchanged} unchanged, {report.sessions_removed} removed"
+            f"{vanished}, {len(report.failed)} failed); "
+            f"blobs {report.files_linked} linked ({format_size(report.bytes_linked)}), "
+            f"{report.files_copied} copied ({format_size(report.bytes_copied)}), "
+            f"{report.files_skipped} already there ({format_size(report.bytes_skipped)}), "
+            f"{report.blobs_verified} hash-checked; {report.duration_s:.1f} s"
+        )
+    )
+    if check is not None:
+        _print_problems(ctx, check.dest_report.problems)
+        for label, ids in (
+            ("diverged", check.diverged),
+            ("behind", check.behind),
+            ("missing", check.missing),
+            ("extra", check.extra),
+        ):
+            for sid in ids:
+                ctx.print(styled(f"{label:<8} ", "yellow") + Text(sid))
+        verdict = "in sync" if check.in_sync else ("ok" if check.ok else "DAMAGED")
         ctx.print(
-            styled(f"backup to {report.dest}: ", "bold")
+            styled(f"verify: {verdict}", "bold green" if check.ok else "bold red")
             + Text(
-                f"{_plural(report.sessions, 'session')} ({report.sessions_updated} updated, "
-                f"{report.sessions_unchanged} unchanged, {report.sessions_removed} removed); "
-                f"blobs {report.files_linked} linked ({format_size(report.bytes_linked)}), "
-                f"{report.files_copied} copied ({format_size(report.bytes_copied)}), "
-                f"{report.files_skipped} already there ({format_size(report.bytes_skipped)}), "
-                f"{report.files_removed} removed; {report.duration_s:.1f} s"
+                f" ({_plural(check.sessions_checked, 'session')}: "
+                f"{len(check.current)} current, {len(check.behind)} behind, "
+                f"{len(check.missing)} missing, {len(check.extra)} extra, "
+                f"{len(check.diverged)} diverged; "
+                f"{_plural(len(check.dest_report.problems), 'problem')})"
             )
         )
-        if check is not None:
-            for p in check.dest_report.problems:
-                line = styled("PROBLEM ", "bold red")
-                line.append(f"session {p.session_id!r}: {p.kind}: {p.detail}  ({p.path})")
-                ctx.print(line)
-            for label, ids in (
-                ("diverged", check.diverged),
-                ("behind", check.behind),
-                ("missing", check.missing),
-                ("extra", check.extra),
-            ):
-                for sid in ids:
-                    ctx.print(styled(f"{label:<8} ", "yellow") + Text(sid))
-            verdict = "in sync" if check.in_sync else ("ok" if check.ok else "DAMAGED")
-            ctx.print(
-                styled(f"verify: {verdict}", "bold green" if check.ok else "bold red")
-                + Text(
-                    f" ({_plural(check.sessions_checked, 'session')}: "
-                    f"{len(check.current)} current, {len(check.behind)} behind, "
-                    f"{len(check.missing)} missing, {len(check.extra)} extra, "
-                    f"{len(check.diverged)} diverged; "
-                    f"{_plural(len(check.dest_report.problems), 'problem')})"
-                )
-            )
-    ok = report.ok and (check is None or check.ok)
     return EXIT_OK if ok else EXIT_PROBLEMS
 
 
@@ -1370,13 +1798,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Inspect, verify, repair and migrate a loopstore session store.",
         epilog=(
             "exit codes: 0 ok, 1 problems found (damaged data, I/O or permission error),\n"
-            "            2 usage error, 3 not found, 4 locked, 130 interrupted"
+            "            2 usage error (also a --root that is not a store loopstore may use),\n"
+            "            3 not found, 4 locked, 130 interrupted"
         ),
     )
     parser.add_argument(
         "--root",
-        metavar="DIR",
-        help=f"store directory (default: ${ROOT_ENV}, else {DEFAULT_ROOT})",
+        metavar="STORE",
+        help=f"store directory, file:// or s3://bucket/prefix URL "
+        f"(default: ${ROOT_ENV}, else {DEFAULT_ROOT})",
     )
     parser.add_argument(
         "--lock-timeout",
@@ -1398,9 +1828,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_non_negative_int, metavar="N", help="show at most N")
     p.add_argument(
         "--sort",
-        choices=sorted(SORT_KEYS),
+        choices=SORT_ORDERS,
         default="active",
-        help="order (default: active, most recent first)",
+        help="order (default: active, most recent first; size and loops: largest first)",
     )
     p.add_argument("--reverse", action="store_true", help="reverse the order")
     p.set_defaults(func=cmd_ls)
@@ -1421,13 +1851,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", parents=[json_opt], help="store totals")
     p.set_defaults(func=cmd_stats)
 
-    p = sub.add_parser("verify", parents=[json_opt], help="check every manifest and blob hash")
+    p = sub.add_parser(
+        "verify", parents=[json_opt], help="check every checkpoint, journal record and blob hash"
+    )
     p.add_argument("session", metavar="SESSION", nargs="?")
     p.add_argument("--deep", action="store_true", help="also decode every loop")
     p.add_argument("-v", "--verbose", action="store_true", help="list every orphan file")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("gc", parents=[json_opt], help="remove unreferenced blobs and tmp files")
+    p = sub.add_parser(
+        "gc", parents=[json_opt], help="remove unreferenced blobs, old journals and tmp files"
+    )
     p.add_argument(
         "--grace",
         type=_seconds,
@@ -1438,9 +1872,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser(
+        "checkpoint",
+        parents=[json_opt],
+        help="fold journals so every blob is a plain file (what rsync and snapshots see)",
+        usage=f"{PROG} checkpoint [-h] [--json] (SESSION... | --all)",
+    )
+    p.add_argument("--all", action="store_true", help="every session in the store")
+    p.add_argument("sessions", nargs="*", metavar="SESSION")
+    p.set_defaults(func=cmd_checkpoint)
+
+    p = sub.add_parser(
+        "migrate", parents=[json_opt], help="upgrade every format v1 session to the current format"
+    )
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser(
+        "reindex", parents=[json_opt], help="rebuild the listing catalog from the sessions"
+    )
+    p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser(
         "import-legacy", parents=[json_opt], help="import phi-core session files from DIR"
     )
     p.add_argument("dir", metavar="DIR")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the file wins over a stored session that holds loops or a newer state it lacks "
+        "(default: leave such a session unchanged and report a conflict)",
+    )
     p.set_defaults(func=cmd_import_legacy)
 
     p = sub.add_parser(
@@ -1491,7 +1951,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("backup", parents=[json_opt], help="consistent incremental snapshot")
-    p.add_argument("dest", metavar="DEST")
+    p.add_argument("dest", metavar="DEST", help="a directory (made a store) or an s3:// URL")
     p.add_argument("--verify", action="store_true", help="then check the copy against the store")
     p.add_argument(
         "--keep-deleted",
@@ -1503,13 +1963,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_root(cli_root: str | None) -> Path:
+def resolve_root(cli_root: str | None) -> str:
     """--root, else $LOOPSTORE_ROOT (when set and not empty), else ./.loopstore."""
     if cli_root is not None:
         if not cli_root:
             raise CliError("--root must not be empty", EXIT_USAGE)
-        return Path(cli_root)
-    return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
+        return cli_root
+    return os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+
+
+def local_root(location: str) -> Path | None:
+    """The directory of a local store (a path or file:// URL); None for any other URL."""
+    from loopstore import locations
+
+    return None if locations.is_url(location) else locations.local_path(location)
 
 
 def check_root(root: Path) -> None:
@@ -1608,16 +2075,17 @@ def _run(argv: Sequence[str] | None) -> int:
         sys.stderr.write(f"{PROG}: error: no command given (see '{PROG} --help')\n")
         return EXIT_USAGE
     try:
-        root = resolve_root(args.root)
-        check_root(root)
+        location = resolve_root(args.root)
+        root = local_root(location)
+        if root is not None:
+            check_root(root)
     except CliError as err:
         _report_error(err)
         return err.code
     ctx = Ctx(
-        root=root,
+        location=location,
+        local_root=root,
         json=bool(args.json),
-        out=_make_console(sys.stdout),
-        err=_make_console(sys.stderr),
         stderr_tty=bool(sys.stderr.isatty()),
         lock_timeout=args.lock_timeout,
     )
@@ -1632,6 +2100,8 @@ def _run(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         _write_stderr(f"{PROG}: interrupted\n")
         return EXIT_INTERRUPTED
+    finally:
+        ctx.close()
 
 
 if __name__ == "__main__":

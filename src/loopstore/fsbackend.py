@@ -163,13 +163,17 @@ class FsSession:
 
     # -- journal ---------------------------------------------------------------------
 
-    def _open_journal(self, generation: int, *, write: bool) -> _Journal | None:
+    def _open_journal(
+        self, generation: int, *, write: bool, create: bool | None = None
+    ) -> _Journal | None:
         j = self._journal
         if j is not None and j.generation == generation and (j.writable or not write):
             return j
         name = ondisk.journal_filename(generation)
         try:
-            fd = atomic.open_file(name, self._sfd, write=write, create=write)
+            fd = atomic.open_file(
+                name, self._sfd, write=write, create=write if create is None else create
+            )
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -182,9 +186,14 @@ class FsSession:
     def _journal_path(self, generation: int) -> Path:
         return self._b.layout.journal(self.session_id, generation)
 
-    def read_frames(self, generation: int, cursor: int) -> JournalRead | None:
-        """The good frames of journal `generation` from byte `cursor` on; None if absent."""
-        j = self._open_journal(generation, write=False)
+    def read_frames(
+        self, generation: int, cursor: int, *, for_write: bool = False
+    ) -> JournalRead | None:
+        """The good frames of journal `generation` from byte `cursor` on; None if absent.
+
+        A writer (`for_write`) opens it writable at once, to append to it next.
+        """
+        j = self._open_journal(generation, write=for_write, create=False)
         if j is None:
             return None
         try:
@@ -235,18 +244,20 @@ class FsSession:
                 "make the session durable", self._b.layout.session_dir(self.session_id), exc
             ) from exc
 
-    def commit(self, generation: int, at: int, frame: bytes, *, seal_dirs: bool) -> tuple[int, int]:
+    def commit(
+        self, generation: int, at: int, frame: bytes, *, seal_dirs: bool, torn: bool
+    ) -> tuple[int, int]:
         """Append one record and make it durable: the commit point of every write.
 
-        `at` is the end of the journal's good frames; bytes beyond it (a torn tail no
-        call acknowledged) are cut first. Then: write, fdatasync, fsync the directories
+        `at` is the end of the journal's good frames; bytes beyond it (`torn`: a torn tail
+        no call acknowledged) are cut first. Then: write, fdatasync, fsync the directories
         if the state this builds on was not known to be durable, and append a sync mark.
         Returns where the frame starts (its blobs' locator base) and the new cursor.
         """
         j = self._open_journal(generation, write=True)
         assert j is not None  # opened with create=True
         try:
-            if os.fstat(j.fd).st_size > at:
+            if torn:
                 os.ftruncate(j.fd, at)
             atomic.write_all(j.fd, frame, at)
         except OSError as exc:
@@ -784,7 +795,6 @@ class FileSystemBackend:
     # -- sessions --------------------------------------------------------------------
 
     def _open_session_fd(self, session_id: str) -> int | None:
-        path = self.layout.session_dir(session_id)
         for _ in range(2):
             try:
                 return atomic.open_dir(session_id, self.sessions_fd)
@@ -793,6 +803,7 @@ class FileSystemBackend:
                     return None
                 self._reopen()
             except OSError as exc:
+                path = self.layout.session_dir(session_id)
                 raise storage_error(session_id, "open session directory", path, exc) from exc
         return None
 
@@ -984,17 +995,41 @@ class FileSystemBackend:
         finally:
             os.close(qfd)
 
-    def claim(self, session_id: str, limit_bytes: int) -> list[bytes]:
-        """Claim handed-off appends, oldest first, up to about `limit_bytes` in all.
+    def claim(self, session_id: str, limit_bytes: int) -> tuple[list[bytes], list[bytes]]:
+        """Claims a dead holder left (the caller holds the lock), and the waiting appends
+        now claimed, oldest first, up to about `limit_bytes` in all: one directory scan.
 
         Claiming is renaming `<token>.item` to `<token>.claimed`: a waiter that
         withdraws first (unlinks the item) keeps its append, and our rename fails.
         """
-        return self._read_queue(session_id, ITEM_SUFFIX, limit_bytes, claim=True)
-
-    def orphaned_claims(self, session_id: str) -> list[bytes]:
-        """Claimed appends with no outcome: their claimer died (the caller holds the lock)."""
-        return self._read_queue(session_id, CLAIMED_SUFFIX, None, claim=False)
+        qfd = self._queue_fd(session_id, create=False)
+        if qfd is None:
+            return [], []
+        orphans: list[bytes] = []
+        fresh: list[bytes] = []
+        total = 0
+        try:
+            for name in sorted(_names(qfd)):
+                if name.endswith(CLAIMED_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        orphans.append(atomic.read_file(qfd, name))
+                    continue
+                if not name.endswith(ITEM_SUFFIX) or total >= limit_bytes:
+                    continue
+                claimed = name[: -len(ITEM_SUFFIX)] + CLAIMED_SUFFIX
+                try:
+                    atomic.rename(qfd, name, qfd, claimed)
+                    data = atomic.read_file(qfd, claimed)
+                except FileNotFoundError:
+                    continue  # withdrawn
+                fresh.append(data)
+                total += len(data)
+        except OSError as exc:
+            path = self.layout.queue(session_id)
+            raise storage_error(session_id, "read hand-off queue", path, exc) from exc
+        finally:
+            os.close(qfd)
+        return orphans, fresh
 
     def requeue(self, session_id: str, token: str) -> None:
         """Put an orphaned claim back in the queue (it was never committed)."""
@@ -1010,40 +1045,6 @@ class FileSystemBackend:
             ) from exc
         finally:
             os.close(qfd)
-
-    def _read_queue(
-        self, session_id: str, suffix: str, limit_bytes: int | None, *, claim: bool
-    ) -> list[bytes]:
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return []
-        out: list[bytes] = []
-        total = 0
-        try:
-            names = sorted(n for n in _names(qfd) if n.endswith(suffix))
-            for name in names:
-                if limit_bytes is not None and total >= limit_bytes:
-                    break
-                if claim:
-                    claimed = name[: -len(suffix)] + CLAIMED_SUFFIX
-                    try:
-                        atomic.rename(qfd, name, qfd, claimed)
-                    except FileNotFoundError:
-                        continue  # withdrawn
-                    name = claimed
-                try:
-                    data = atomic.read_file(qfd, name)
-                except FileNotFoundError:
-                    continue
-                out.append(data)
-                total += len(data)
-        except OSError as exc:
-            raise storage_error(
-                session_id, "read hand-off queue", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
-        return out
 
     def post_outcome(self, session_id: str, token: str, data: bytes) -> None:
         """Tell the waiter `token` how its claimed append ended (atomically), drop the claim."""

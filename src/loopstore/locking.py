@@ -22,6 +22,7 @@ import contextvars
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Final
@@ -64,6 +65,13 @@ class _NoFollowFileLock(fasteners.InterProcessLock):  # type: ignore[misc]
             )
             self.lockfile = os.fdopen(fd, "a")
 
+    def _do_close(self) -> None:
+        """Keep the file open between holds: reopening it cost two syscalls per commit.
+
+        The descriptor is closed by `force_close` when the entry is evicted (or a
+        release failed), never by the garbage collector (see `_drop_user`).
+        """
+
     def force_close(self) -> None:
         """Close our only descriptor (drops the lock if held; release() failed)."""
         self.acquired = False
@@ -86,6 +94,10 @@ class _Entry:
 
 _mutex = threading.Lock()
 _entries: dict[LockKey, _Entry] = {}
+_idle: OrderedDict[LockKey, _Entry] = OrderedDict()
+IDLE_LOCKS_KEPT: Final = 128
+#: Unheld lock files kept open per process (least recently used beyond are closed): a
+#: hot session's writer reuses its descriptor instead of reopening it for every commit.
 
 
 def _reset_after_fork() -> None:
@@ -94,11 +106,12 @@ def _reset_after_fork() -> None:
     The inherited descriptors are closed now (they hold nothing in the child), never
     later, when closing one could drop a lock the child has taken meanwhile.
     """
-    global _mutex, _entries
+    global _mutex, _entries, _idle
     for entry in _entries.values():
         entry.file_lock.force_close()
     _mutex = threading.Lock()
     _entries = {}
+    _idle = OrderedDict()
 
 
 if hasattr(os, "register_at_fork"):
@@ -154,12 +167,12 @@ class LockManager:
             owner = _current_owner(key)
         if deadline is None:
             deadline = time.monotonic() + self.timeout
-        path: Path = self._lock_path(session_id)
         with _mutex:
             entry = _entries.get(key)
             if entry is None:
-                entry = _entries[key] = _Entry(path)
+                entry = _entries[key] = _Entry(self._lock_path(session_id))
             entry.users += 1
+            _idle.pop(key, None)
         try:
             with entry.cond:
                 if entry.owner is not None and entry.owner == owner:
@@ -173,7 +186,7 @@ class LockManager:
                 entry.owner = owner
                 entry.depth = 1
             try:
-                self._acquire_file(entry, session_id, path, deadline)
+                self._acquire_file(entry, session_id, deadline)
             except BaseException:
                 entry.file_lock.force_close()
                 with entry.cond:
@@ -220,7 +233,7 @@ class LockManager:
         finally:
             self.release(session_id, owner)
 
-    def _acquire_file(self, entry: _Entry, session_id: str, path: Path, deadline: float) -> None:
+    def _acquire_file(self, entry: _Entry, session_id: str, deadline: float) -> None:
         lock = entry.file_lock
         delay = min(LOCK_FIRST_POLL_S, self.poll_interval)
         while True:
@@ -229,6 +242,7 @@ class LockManager:
                     return
             except (OSError, threading.ThreadError) as exc:
                 lock.force_close()
+                path = self._lock_path(session_id)
                 raise StorageError(session_id, f"cannot use lock file: {exc}", path=path) from exc
             now = time.monotonic()
             if now >= deadline:
@@ -249,10 +263,18 @@ class LockManager:
 
     @staticmethod
     def _drop_user(key: LockKey, entry: _Entry) -> None:
+        """One user fewer; an unused entry stays open (idle) until evicted, then its
+        descriptor is closed at once, never left for the garbage collector (closing a
+        lingering descriptor would drop a lock a later entry of this process holds)."""
         with _mutex:
             entry.users -= 1
-            if entry.users <= 0 and _entries.get(key) is entry:
-                del _entries[key]
+            if entry.users > 0 or _entries.get(key) is not entry:
+                return
+            _idle[key] = entry
+            while len(_idle) > IDLE_LOCKS_KEPT:
+                old_key, old = _idle.popitem(last=False)
+                del _entries[old_key]
+                old.file_lock.force_close()
 
 
 @contextlib.contextmanager

@@ -24,11 +24,11 @@ before trusting it, and re-read when a blob vanished under them.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import random
 import secrets
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -53,7 +53,7 @@ from loopstore.errors import (
 from loopstore.fsbackend import FileSystemBackend
 from loopstore.journal import Change, Item, SessionState
 from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
-from loopstore.models import LoopRecord, Session, SessionFormation
+from loopstore.models import LoopRecord, Session
 from loopstore.reports import (
     GcReport,
     ImportReport,
@@ -99,16 +99,20 @@ T = TypeVar("T")
 
 
 def _first_loop_header(session_id: str, loop: LoopRecord) -> dict[str, Any]:
-    """The header phi-core's recorder writes when a session opens with `loop`."""
-    return Session(
-        session_id=session_id,
-        agent_id=loop.agent_id,
-        created_at=loop.started_at,
-        last_active_at=loop.started_at,
-        formation=SessionFormation.first_loop(loop.started_at),
-        parent_spawn_ref=None,
-        loops=[],
-    ).header()
+    """The header phi-core's recorder writes when a session opens with `loop`.
+
+    Spelled out rather than built through the Session model (that costs a validation
+    per append); tests/test_store.py checks the two agree.
+    """
+    return {
+        "session_id": session_id,
+        "agent_id": loop.agent_id,
+        "created_at": loop.started_at,
+        "last_active_at": loop.started_at,
+        "formation": {"FirstLoop": {"timestamp": loop.started_at}},
+        "parent_spawn_ref": None,
+        "scope": "ephemeral",
+    }
 
 
 @dataclass(frozen=True)
@@ -158,9 +162,24 @@ def _later(a: str | None, b: str | None) -> bool:
     return na is not None and nb is not None and nb > na
 
 
-def _token() -> str:
-    """A commit id: time-ordered (hand-off queues serve oldest first), unique."""
-    return f"{time.time_ns():020d}.{os.getpid()}.{threading.get_ident():x}.{secrets.token_hex(4)}"
+class _Tokens:
+    """Commit ids: time-ordered (hand-off queues serve oldest first) and unique (a
+    per-process random prefix, renewed in a forked child, and a counter)."""
+
+    def __init__(self) -> None:
+        self.renew()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self.renew)
+
+    def renew(self) -> None:
+        self.prefix = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{time.time_ns():020d}.{self.prefix}.{next(self.counter)}"
+
+
+_token = _Tokens()
 
 
 def first_error(exc: pydantic.ValidationError) -> str:
@@ -315,7 +334,9 @@ class SessionStore:
 
     # -- reading state -----------------------------------------------------------------
 
-    def read_state(self, h: SessionHandle, *, fresh: bool = False) -> StateRead | None:
+    def read_state(
+        self, h: SessionHandle, *, fresh: bool = False, for_write: bool = False
+    ) -> StateRead | None:
         """The session's state: checkpoint + journal (a cached parse reused when current;
         `fresh` parses everything again, as verify does).
 
@@ -338,7 +359,7 @@ class SessionStore:
                 data, tail = got
                 m = self._parse_manifest(sid, data)
                 state, cursor, sealed = SessionState.from_manifest(m, len(data)), 0, False
-            read = h.read_frames(state.checkpoint_generation, cursor)
+            read = h.read_frames(state.checkpoint_generation, cursor, for_write=for_write)
             if read is None and state.checkpoint_version >= 2 and h.manifest_id() != tail:
                 continue  # folded meanwhile: read the new checkpoint
             if read is not None and read.frames:
@@ -482,7 +503,7 @@ class SessionStore:
         """The state a writer builds on; a v1 checkpoint is upgraded to v2 first."""
         if h is None:
             return None
-        r = self.read_state(h)
+        r = self.read_state(h, for_write=True)
         if r is not None and r.state.checkpoint_version < ondisk.FORMAT_VERSION:
             r = replace(self._fold(h, r), folded=True)
         return r
@@ -508,7 +529,7 @@ class SessionStore:
         assert h is not None
         frame = journal.record_bytes(r.state, change, at_ns)
         locator, cursor = h.commit(
-            r.state.checkpoint_generation, r.cursor, frame, seal_dirs=not r.sealed
+            r.state.checkpoint_generation, r.cursor, frame, seal_dirs=not r.sealed, torn=r.torn > 0
         )
         new = StateRead(r.state.replay(journal.scan(frame, locator)[0]), cursor, True, r.tail)
         self._cache_put(session_id, new)
@@ -652,29 +673,13 @@ class SessionStore:
         b = self._backend
         claimed: list[Item] = []
         done: list[str] = []
-        if b.handoff:
-            with b.session(session_id) as h:
-                r = self._read_for_write(h)
-            known = r.state.commit_ids if r is not None else frozenset()
-            for data in b.orphaned_claims(session_id):
-                orphan = Item.decode(data)
-                if orphan is None:
-                    continue
-                if orphan.token in known:
-                    done.append(orphan.token)
-                else:
-                    b.requeue(session_id, orphan.token)
-            claimed = [
-                it
-                for it in map(Item.decode, b.claim(session_id, HANDOFF_BATCH_BYTES))
-                if it is not None
-            ]
-        items = ([own] if own is not None else []) + claimed
         refused: dict[str, SessionError] = {}
 
         def attempt(h: SessionHandle | None, r: StateRead | None) -> StateRead | None:
+            if b.handoff and not claimed and not done:
+                self._claim(session_id, r, claimed, done)
             refused.clear()
-            todo = items
+            items = ([own] if own is not None else []) + claimed
             if r is None:
                 # The first item whose session= header names this session creates it; a
                 # header for another session before it is refused (later ones are ignored).
@@ -685,9 +690,9 @@ class SessionStore:
                     refused[it.token] = InvalidSessionId(
                         session_id, f"session= describes session {named!r}"
                     )
-                todo = [it for it in items if it.token not in refused]
-            if todo:
-                return self._commit_items(session_id, h, r, todo)
+                items = [it for it in items if it.token not in refused]
+            if items:
+                return self._commit_items(session_id, h, r, items)
             self._settle(h, r)
             return r
 
@@ -708,6 +713,28 @@ class SessionStore:
             raise refused[own.token]
         if r is not None:
             self._maybe_fold(session_id, r)
+
+    def _claim(
+        self, session_id: str, r: StateRead | None, claimed: list[Item], done: list[str]
+    ) -> None:
+        """Take the appends waiting in the hand-off queue (oldest first), and settle the
+        claims a dead holder left: committed ones are done, the others go back."""
+        b = self._backend
+        known = r.state.commit_ids if r is not None else frozenset()
+        orphans, fresh = b.claim(session_id, HANDOFF_BATCH_BYTES)
+        requeued = False
+        for data in orphans:
+            orphan = Item.decode(data)
+            if orphan is None:
+                continue
+            if orphan.token in known:
+                done.append(orphan.token)
+            else:
+                b.requeue(session_id, orphan.token)
+                requeued = True
+        if requeued:
+            fresh = b.claim(session_id, HANDOFF_BATCH_BYTES)[1]
+        claimed.extend(it for it in map(Item.decode, fresh) if it is not None)
 
     def _post(self, session_id: str, token: str, outcome: bytes) -> None:
         """Tell a waiter its outcome. If that fails, its claim stays behind and the next
