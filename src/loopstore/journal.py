@@ -212,6 +212,8 @@ class SessionState:
     appended_pos: Mapping[str, int] = field(default_factory=lambda: _EMPTY)
     journal_blobs: Mapping[str, BlobSpan] = field(default_factory=lambda: _EMPTY)
     commit_ids: frozenset[str] = frozenset()
+    deleted: bool = False
+    #: an object store's delete: a tombstone record, then the objects are removed
     records: int = 0
     journal_bytes: int = 0
     checkpoint_bytes: int = 0
@@ -323,6 +325,7 @@ class SessionState:
         if not isinstance(ops, list):
             raise JournalError(f"record {seq}: no ops")
         header = self.header
+        deleted = self.deleted
         base, base_index = self.base, self.base_index
         base_pos = base_index.positions
         replaced = dict(self.replaced)
@@ -352,6 +355,8 @@ class SessionState:
                 if not isinstance(new, dict) or new.get("session_id") != self.session_id:
                     raise JournalError(f"record {seq}: bad header op")
                 header = MappingProxyType(new)
+            elif kind == "delete":
+                deleted = True
             elif kind == "loops":
                 raw = op.get("loops")
                 if not isinstance(raw, list):
@@ -386,6 +391,7 @@ class SessionState:
             appended_pos=MappingProxyType(appended_pos),
             journal_blobs=MappingProxyType(dict(journal_blobs)) if spans else journal_blobs,
             commit_ids=self.commit_ids | frozenset(ids) if ids else self.commit_ids,
+            deleted=deleted,
             records=self.records + 1,
             journal_bytes=self.journal_bytes + frame_bytes,
         )

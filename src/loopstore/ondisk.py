@@ -56,6 +56,9 @@ LOCK_SUFFIX: Final = ".lock"
 QUEUE_SUFFIX: Final = ".q"
 JOURNAL_PREFIX: Final = "journal-"
 JOURNAL_SUFFIX: Final = ".log"
+RECORDS_DIR: Final = "log"
+RECORD_SUFFIX: Final = ".rec"
+#: On an object store a session's records are objects log/<seq, 20 digits>.rec.
 TMP_SUFFIX: Final = ".tmp"
 DELETED_PREFIX: Final = "deleted-"
 NEW_SESSION_PREFIX: Final = "new-"
@@ -149,6 +152,19 @@ def journal_generation(name: str) -> int | None:
         return None
     digits = name[len(JOURNAL_PREFIX) : -len(JOURNAL_SUFFIX)]
     return int(digits) if digits.isdigit() and digits == str(int(digits)) else None
+
+
+def record_name(seq: int) -> str:
+    """An object store's commit record `seq` (one object per record, under the session)."""
+    return f"{RECORDS_DIR}/{seq:020d}{RECORD_SUFFIX}"
+
+
+def record_seq(name: str) -> int | None:
+    """The sequence number of a record object's name (relative to its session), or None."""
+    if not (name.startswith(RECORDS_DIR + "/") and name.endswith(RECORD_SUFFIX)):
+        return None
+    digits = name[len(RECORDS_DIR) + 1 : -len(RECORD_SUFFIX)]
+    return int(digits) if len(digits) == 20 and digits.isdigit() else None
 
 
 def queue_dirname(session_id: str) -> str:

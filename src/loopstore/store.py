@@ -374,7 +374,7 @@ class SessionStore:
             else:
                 r = StateRead(state, read.end, sealed, tail, read.size - read.end)
             self._cache_put(sid, r)
-            return r
+            return None if state.deleted else r
         raise CorruptSession(
             sid,
             f"session kept changing; gave up after {READ_RETRIES} reads",
