@@ -30,6 +30,7 @@ SCENARIOS = {
     "readers": "stress.scenarios.readers",
     "mixed": "stress.scenarios.mixed",
     "faults": "stress.scenarios.faultinj",
+    "powerloss": "stress.scenarios.powerloss",
 }
 QUICK_SECONDS = 4.0
 """Per timed scenario in --quick: with start-up and checks the whole run stays near a minute."""

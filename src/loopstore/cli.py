@@ -449,16 +449,22 @@ class Ctx:
 
 
 def _store_exists(location: str) -> bool:
-    """`locations.store_exists` (every kind of store); until that lands, a local store is
-    recognized by its marker file and an object store by opening it."""
+    """`locations.store_exists` (every kind of store). Until that lands, a local store is
+    recognized by its marker file; an object store cannot be checked without opening it,
+    which could create it, so it is refused."""
     from loopstore import locations
 
     probe: Callable[[str], bool] | None = getattr(locations, "store_exists", None)
     if probe is not None:
         return bool(probe(location))
     if locations.is_url(location):
-        locations.open_store(location).close()  # raises for what cannot be opened
-        return True
+        if not location.startswith("s3://"):
+            locations.open_store(location)  # an unknown scheme: ValueError, nothing made
+        raise CliError(
+            f"store {location}: this loopstore cannot look for an object store "
+            "(loopstore.locations.store_exists is missing)",
+            EXIT_USAGE,
+        )
     return locations.local_path(location).joinpath(_MARKER_NAME).is_file()
 
 
@@ -1468,8 +1474,8 @@ def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
         dest = Path(targets[-1])
         args.sessions = targets[:-1]
     check_directory_argument(dest, "export-legacy: DIR")
-    store = ctx.store()
     ids = _session_targets(ctx, args, "export-legacy")
+    store = ctx.store()
     batch = _Batch()
     written: list[dict[str, str]] = []
     with _progress(ctx, "exporting") as progress:
@@ -1499,8 +1505,8 @@ def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
 def cmd_checkpoint(ctx: Ctx, args: argparse.Namespace) -> int:
     """Fold journals now, so that every blob is a plain file in loops/ (what rsync,
     snapshots and tar should see at rest)."""
-    store = ctx.store()
     ids = _session_targets(ctx, args, "checkpoint")
+    store = ctx.store()
     batch = _Batch()
     folded: list[str] = []
     at_rest: list[str] = []
@@ -1701,8 +1707,8 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
     for failure in report.failed:
         line = styled("FAILED ", "bold red")
         line.append(
-            f"session {failure.session_id!r}: {_one_line(failure.reason)}; "
-            "the backup keeps its previous copy of it"
+            f"session {failure.session_id!r}: {_one_line(failure.reason)}; not backed up "
+            "(DEST keeps the copy it had, if any)"
         )
         ctx.print(line)
     vanished = (
@@ -1713,11 +1719,16 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
         + Text(
             f"{_plural(report.sessions, 'session')} ({report.sessions_updated} updated, "
             f"{report.sessions_unchanged} unchanged, {report.sessions_removed} removed"
-            f"{vanished}, {len(report.failed)} failed); "
-            f"blobs {report.files_linked} linked ({format_size(report.bytes_linked)}), "
+            f"{vanished}, {len(report.failed)} failed) in {report.duration_s:.1f} s"
+        )
+    )
+    ctx.print(
+        Text(
+            f"blobs: {report.files_linked} linked ({format_size(report.bytes_linked)}), "
             f"{report.files_copied} copied ({format_size(report.bytes_copied)}), "
-            f"{report.files_skipped} already there ({format_size(report.bytes_skipped)}), "
-            f"{report.blobs_verified} hash-checked; {report.duration_s:.1f} s"
+            f"{report.files_skipped} already there ({format_size(report.bytes_skipped)}); "
+            f"{report.blobs_verified} hash-checked",
+            style="dim",
         )
     )
     if check is not None:
