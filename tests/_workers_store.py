@@ -109,3 +109,43 @@ def reader_worker(root: str, session_id: str, seconds: float) -> tuple[int, list
 
 def pid() -> int:
     return os.getpid()
+
+
+def append_one(root: str, session_id: str, index: int) -> None:
+    """One append from another process (the listing test checks it is listed)."""
+    _store(root).append_loop(session_id, make_loop(session_id, index))
+
+
+def churn_worker(root: str, name: str, deadline: float, log: Path) -> None:
+    """Create, append to and delete sessions of our own until `deadline` (monotonic).
+
+    Each call is logged as a line `begin ack op session loops` after it returned, with
+    monotonic times (one clock for every process on the machine).
+    """
+    store = _store(root)
+    loops: dict[str, int] = {}
+    n = 0
+    with open(log, "w", encoding="utf-8") as out:
+        while time.monotonic() < deadline:
+            sid = f"{name}.s{n % 4}"
+            n += 1
+            t0 = time.monotonic()
+            if sid in loops and loops[sid] >= 3:
+                store.delete(sid)
+                del loops[sid]
+                op, count = "delete", 0
+            else:
+                count = loops.get(sid, 0)
+                store.append_loop(sid, make_loop(sid, count))
+                loops[sid] = count + 1
+                op, count = "append", count + 1
+            out.write(f"{t0} {time.monotonic()} {op} {sid} {count}\n")
+            out.flush()
+
+
+def read_acks(log: Path) -> list[tuple[float, float, str, str, int]]:
+    out = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        begin, ack, op, sid, count = line.split()
+        out.append((float(begin), float(ack), op, sid, int(count)))
+    return out

@@ -312,7 +312,7 @@ class Catalog:
         """
         try:
             self._rebuild(items, total, progress)
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, CatalogUnusable):
             self.close()
             for suffix in ("", "-wal", "-shm", "-journal"):
                 with contextlib.suppress(FileNotFoundError):
