@@ -1112,11 +1112,6 @@ def test_import_conflicts_keep_the_store_unless_overwrite(
     assert store.load_json(PARENT) == (files / f"{PARENT}.json").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="store bug: maintenance._import_one compares digests of compact loop JSON with "
-    "blobs named by their pretty form, so identical files read as conflicts",
-)
 def test_reimporting_the_same_files_changes_nothing(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -1,70 +1,63 @@
-"""Benchmark loopstore against phi-core's storage scheme and a SQLite scheme.
+"""Write-path benchmark: loopstore against SQLite and the physical floor, in one run.
 
-    python tools/bench.py [--quick] [--json out.json] [--dir DIR]
+    python tools/bench.py [--quick | --long] [--json FILE] [--dir DIR] [--procs 8]
 
-Baselines, measured in the same run on the same disk:
+Every baseline runs in the same run, on the same disk (the scratch directory, a temp dir
+unless --dir). loopstore is reached through its public API only, so this measures
+format v1 today and v2 when it lands. Issue targets in brackets:
 
-* phi-core scheme: the whole session as pretty JSON rewritten on every save under a
-  flock sidecar, tmp + fsync + rename (storage.rs `save_with_lock`); load is
-  `json.load` + model validation.
-* SQLite scheme: the same zstd-compressed loop JSON in one stdlib sqlite3 database,
-  WAL, synchronous=FULL, one transaction per append.
-* fsync floor: tmp + fsync + rename + directory fsync of a 2 KB file.
+1. durable `append_loop` latency at N = 2 vs N = 10,000 loops already in the session
+   [<= 1.3x]; --long adds N = 100,000. Big sessions are built with durable=False
+   `save` (small filler loops under fresh ids), synced, and reopened durable.
+   N = 1,000 is also timed, against the phi-core scheme (whole session rewritten as
+   pretty JSON per save, flock sidecar, tmp + fsync + rename).
+2. single-writer durable append latency vs SQLite, median and p99 [<= 1.2x; moonshot
+   1.0x]: appends alternate between the two, sessions of up to 50 loops.
+3. 8 processes (multiprocessing spawn), each appending to its own session: appends/s vs
+   SQLite with 8 processes in one database [>= 1.2x].
+4. 8 processes appending to ONE shared session: appends/s vs SQLite [>= 2x], errors
+   [0], p99 latency and per-process fairness (min/max acknowledged appends).
+5. CPU per append: user+sys of the workers, summed, over acknowledged appends, own and
+   shared sessions [<= 1.2x SQLite].
 
-Workload: loopstore.synth loops (several turns, tool calls with real text, each tool
-output recorded about 8 times by phi-core's event stream: ~100-500 KB of JSON each).
-Large sessions reuse a pool of distinct synthetic loops under fresh loop ids.
+Baselines: SQLite (stdlib sqlite3, WAL, synchronous=FULL, one transaction per append,
+the loop as zstd level-3 `model_dump_json()`, see tools/_benchlib.py); the physical
+floor: one small file made durable (tmp write, fsync, rename, directory fsync) and a
+bare fdatasync of a 20 KB append to an existing file.
+
+Workload: `loopstore.synth` loops of 32-800 KB of JSON (median ~240 KB), generated before
+anything is timed; every append gets a fresh loop id, so a fresh blob. Multi-process
+rows run for a fixed time after a warm-up, rounds interleave loopstore and SQLite, and
+the median round is reported (the reference machine is a noisy, shared 2-core VM;
+the load average is printed at the start and the end).
+On that VM with format v1: --quick about 1.5 minutes, the default about 4, --long about
+9 (building and syncing the 100,000-loop session is most of the extra).
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import multiprocessing as mp
 import os
 import shutil
-import sqlite3
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from loopstore import legacy, ondisk
-from loopstore.models import LoopRecord, Session
-from loopstore.store import FileSystemSessionStore
-from loopstore.synth import generate_loops, generate_session
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LOOP_BYTES = 150_000
-POOL = 12
+import _benchlib as bl
+from loopstore import FileSystemSessionStore
+from loopstore.models import LoopRecord, Session
+
+SESSION_LOOPS = 50  # single-writer rows: a new session every this many appends
 WARMUP = 2
 
 
-# --------------------------------------------------------------------------- workload
-
-
-def loop_pool(seed: int, session_id: str, count: int, loop_bytes: int) -> list[LoopRecord]:
-    return generate_loops(seed, session_id, count, loop_bytes=loop_bytes)
-
-
-def make_loops(pool: list[LoopRecord], start: int, count: int, tag: str) -> list[LoopRecord]:
-    """`count` loops with unique ids (so unique blobs), cycling through the pool."""
-    out = []
-    for i in range(start, start + count):
-        base = pool[i % len(pool)]
-        out.append(base.model_copy(update={"loop_id": f"{base.loop_id}.{tag}{i}"}))
-    return out
-
-
-def make_session(seed: int, session_id: str, loops: list[LoopRecord]) -> Session:
-    header = generate_session(seed, session_id=session_id, loops=1, loop_bytes=2000)
-    return header.model_copy(update={"loops": list(loops)})
-
-
-# --------------------------------------------------------------------------- baselines
+# --------------------------------------------------------------------------- phi-core scheme
 
 
 class PhiCoreScheme:
@@ -92,339 +85,465 @@ class PhiCoreScheme:
         session.loops.append(loop)
         self.save(session)
 
-    def load(self, session_id: str) -> Session:
-        with open(self.dir / f"{session_id}.json", encoding="utf-8") as f:
-            return Session.model_validate(json.load(f))
+
+# --------------------------------------------------------------------------- 1. append vs N
 
 
-class SqliteScheme:
-    """Compressed loop JSON in one WAL database, synchronous=FULL, a transaction per append."""
-
-    def __init__(self, path: Path, level: int = 3) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, timeout=120)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS loops (session_id TEXT NOT NULL, seq INTEGER NOT NULL,"
-            " loop_id TEXT NOT NULL, raw_size INTEGER NOT NULL, data BLOB NOT NULL,"
-            " PRIMARY KEY (session_id, seq), UNIQUE (session_id, loop_id))"
-        )
-        self.level = level
-
-    def append(self, session_id: str, loop: LoopRecord) -> None:
-        raw = loop.model_dump_json().encode()
-        blob = ondisk.encode_blob(raw, self.level)
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
-            (seq,) = c.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM loops WHERE session_id = ?", (session_id,)
-            ).fetchone()
-            c.execute(
-                "INSERT INTO loops VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id, loop_id)"
-                " DO UPDATE SET data = excluded.data, raw_size = excluded.raw_size",
-                (session_id, seq, loop.loop_id, len(raw), blob.data),
-            )
-            c.execute("COMMIT")
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def fsync_floor(directory: Path, reps: int) -> float:
-    directory.mkdir(parents=True, exist_ok=True)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    payload = os.urandom(2048)
-    times = []
-    try:
-        for i in range(reps):
+def bench_append_vs_n(
+    base: Path,
+    pool: list[LoopRecord],
+    filler: list[LoopRecord],
+    ns: list[int],
+    reps: int,
+    phi_reps: int,
+) -> dict[str, Any]:
+    """Append one realistic loop to sessions of N loops, interleaved across N each round."""
+    root = base / "ls-n"
+    rounds = WARMUP + reps
+    small_ids = [f"n2-{i}" for i in range(rounds)]  # each gets one append: N is always 2
+    big = [n for n in ns if n != 2]
+    build_s: dict[int, float] = {}
+    with FileSystemSessionStore(root, durable=False) as fast:
+        for sid in small_ids:
+            fast.save(bl.session_with(sid, bl.fresh_loops(filler, 2, session_id=sid, tag="f")))
+        for n in big:
             t0 = time.perf_counter()
-            fd = os.open(directory / f"f.{i}.tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, payload)
-            os.fsync(fd)
-            os.close(fd)
-            os.rename(directory / f"f.{i}.tmp", directory / "f")
-            os.fsync(dfd)
-            times.append(time.perf_counter() - t0)
-    finally:
-        os.close(dfd)
-    return statistics.median(times)
+            sid = f"n{n}"
+            fast.save(bl.session_with(sid, bl.fresh_loops(filler, n, session_id=sid, tag="f")))
+            build_s[n] = time.perf_counter() - t0
+            bl.say(f"  built a {n:,}-loop session in {build_s[n]:.1f} s (durable=False save)")
+    plan: list[list[tuple[int, str, LoopRecord]]] = []
+    for i in range(rounds):
+        lp = pool[i % len(pool)]
+        row = []
+        for n in ns:
+            sid = small_ids[i] if n == 2 else f"n{n}"
+            row.append(
+                (n, sid, lp.model_copy(update={"loop_id": f"{sid}.a{i}", "session_id": sid}))
+            )
+        plan.append(row[i % len(row) :] + row[: i % len(row)])
+    bl.settle()
+    store = FileSystemSessionStore(root, durable=True)
+    times: dict[int, list[float]] = {n: [] for n in ns}
+    for i, row in enumerate(plan):
+        for n, sid, loop in row:
+            t = bl.timed(lambda s=sid, lp=loop: store.append_loop(s, lp))  # type: ignore[misc]
+            if i >= WARMUP:
+                times[n].append(t)
+    for n in big:  # every timed append landed (session_info reads no loop)
+        got = store.session_info(f"n{n}").loop_count
+        assert got == n + rounds, (n, got)
+    store.close()
+    out: dict[str, Any] = {
+        "reps": reps,
+        "build_s": build_s,
+        "filler_json_bytes": bl.size_summary(bl.json_sizes(filler)),
+        "median_s": {n: bl.median(times[n]) for n in ns},
+        "p99_s": {n: bl.pct(times[n], 99) for n in ns},
+        "samples_s": times,
+    }
+    if 1000 in ns:
+        # The phi-core scheme at N = 1,000: the whole session rewritten per append.
+        phi = PhiCoreScheme(base / "phi")
+        session = bl.session_with("phi", bl.fresh_loops(filler, 1000, session_id="phi", tag="f"))
+        phi.save(session)
+        extra = [
+            pool[i % len(pool)].model_copy(update={"loop_id": f"phi.a{i}", "session_id": "phi"})
+            for i in range(phi_reps)
+        ]
+        bl.settle()
+        phi_times = [bl.timed(lambda lp=lp: phi.append(session, lp)) for lp in extra]  # type: ignore[misc]
+        out["phicore_n1000_s"] = bl.median(phi_times)
+        shutil.rmtree(base / "phi", ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
+    return out
 
 
-def settle() -> None:
-    """Flush setup writes so they are not billed to the first timed fsyncs."""
-    os.sync()
-    time.sleep(0.2)
+# --------------------------------------------------------------------------- 2. single writer
 
 
-def timed(fn: Callable[[], Any], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def bench_single(base: Path, pool: list[LoopRecord], count: int) -> dict[str, Any]:
+    """Durable appends alternating loopstore / SQLite (order swapped every append)."""
+    store = FileSystemSessionStore(base / "ls-single", durable=True)
+    db = bl.SqliteStore(base / "single.sqlite")
+    db.create_schema()
+    plan = []
+    for i in range(count):
+        sid = f"single-{i // SESSION_LOOPS}"
+        lp = pool[i % len(pool)]
+        plan.append(
+            (
+                sid,
+                lp.model_copy(update={"loop_id": f"{sid}.ls{i}", "session_id": sid}),
+                lp.model_copy(update={"loop_id": f"{sid}.sq{i}", "session_id": sid}),
+            )
+        )
+    bl.settle()
+    wall: dict[str, list[float]] = {"loopstore": [], "sqlite": []}
+    cpu: dict[str, list[float]] = {"loopstore": [], "sqlite": []}
+    for i, (sid, ls_loop, sq_loop) in enumerate(plan):
+        ops = [
+            ("loopstore", lambda s=sid, lp=ls_loop: store.append_loop(s, lp)),
+            ("sqlite", lambda s=sid, lp=sq_loop: db.append(s, lp)),
+        ]
+        if i % 2:
+            ops.reverse()
+        for kind, op in ops:
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            op()  # type: ignore[no-untyped-call]
+            t = time.perf_counter() - t0
+            c = time.process_time() - c0
+            if i % SESSION_LOOPS >= WARMUP:  # the first appends create the session
+                wall[kind].append(t)
+                cpu[kind].append(c)
+    last = plan[-1][0]
+    want = (count - 1) % SESSION_LOOPS + 1
+    assert store.session_info(last).loop_count == db.count_loops(last) == want
+    store.close()
+    db.close()
+    return {
+        "appends_each": count,
+        "timed_each": len(wall["loopstore"]),
+        **{
+            kind: {
+                "median_s": bl.median(wall[kind]),
+                "p90_s": bl.pct(wall[kind], 90),
+                "p99_s": bl.pct(wall[kind], 99),
+                "max_s": max(wall[kind]),
+                "cpu_per_append_s": sum(cpu[kind]) / len(cpu[kind]),
+            }
+            for kind in wall
+        },
+    }
 
 
-def dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+# --------------------------------------------------------------------------- 3-5. processes
+
+_WORKER_POOL: list[LoopRecord] = []
 
 
-# --------------------------------------------------------------------------- parallel
-
-
-def _proc_append(
+def _mp_worker(
     kind: str,
     root: str,
     session_id: str,
     worker: int,
-    count: int,
-    loop_bytes: int,
+    duration: float,
+    tag: str,
     barrier: Any,
-) -> tuple[float, float]:
-    pool = loop_pool(100 + worker, session_id, 3, loop_bytes)
-    loops = make_loops(pool, 0, count, f"w{worker}-")
-    for lp in loops:  # warm the serializer outside the timed region
-        lp.model_dump_json()
+) -> dict[str, Any]:
+    """One process: warm up, wait for all, append durably for `duration` seconds."""
+    if not _WORKER_POOL:
+        _WORKER_POOL.extend(bl.realistic_pool(1))
+    cap = int(duration * 2_000) + WARMUP
+    loops = bl.fresh_loops(_WORKER_POOL, cap, session_id=session_id, tag=f"{tag}w{worker}.")
+    loops = loops[worker % len(_WORKER_POOL) :] + loops[: worker % len(_WORKER_POOL)]
     if kind == "loopstore":
-        store = FileSystemSessionStore(root, lock_timeout=600)
-        header = make_session(worker, session_id, [])
-        barrier.wait()
-        t0 = time.monotonic()
-        for lp in loops:
-            store.append_loop(session_id, lp, session=header)
-        return t0, time.monotonic()
-    db = SqliteScheme(Path(root) / "bench.sqlite")
+        store = FileSystemSessionStore(root, durable=True)
+
+        def append(lp: LoopRecord) -> None:
+            store.append_loop(session_id, lp)
+
+        close = store.close
+    else:
+        db = bl.SqliteStore(Path(root) / "bench.sqlite")
+
+        def append(lp: LoopRecord) -> None:
+            db.append(session_id, lp)
+
+        close = db.close
+    for lp in loops[:WARMUP]:
+        append(lp)
+    todo = iter(loops[WARMUP:])
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
     barrier.wait()
-    t0 = time.monotonic()
-    for lp in loops:
-        db.append(session_id, lp)
-    t1 = time.monotonic()
-    db.close()
-    return t0, t1
+    cpu0 = bl.cpu_seconds()
+    start = time.monotonic()
+    stop = start + duration
+    last = start
+    for lp in todo:
+        t0 = time.perf_counter()
+        if time.monotonic() >= stop:
+            break
+        try:
+            append(lp)
+        except Exception as exc:  # counted, never retried: not acknowledged
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            continue
+        finally:
+            last = time.monotonic()
+        latencies.append(time.perf_counter() - t0)
+    cpu = bl.cpu_seconds() - cpu0
+    close()
+    return {
+        "start": start,
+        "end": last,
+        "acknowledged": len(latencies),
+        "errors": errors,
+        "latencies": latencies,
+        "cpu_s": cpu,
+    }
 
 
-def parallel_appends(
-    kind: str, root: Path, procs: int, count: int, shared: bool, loop_bytes: int
-) -> float:
-    ctx = mp.get_context("spawn")
+def parallel_run(
+    mpool: Any,
+    manager: Any,
+    kind: str,
+    root: Path,
+    procs: int,
+    shared: bool,
+    duration: float,
+    tag: str,
+) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     if kind == "sqlite":
-        SqliteScheme(root / "bench.sqlite").close()
+        db = bl.SqliteStore(root / "bench.sqlite")
+        db.create_schema()
+        db.close()
     else:
         FileSystemSessionStore(root).close()
-    barrier = ctx.Manager().Barrier(procs)
-    with ctx.Pool(procs) as p:
-        results = p.starmap(
-            _proc_append,
-            [
-                (kind, str(root), "shared" if shared else f"own-{w}", w, count, loop_bytes, barrier)
-                for w in range(procs)
-            ],
+    bl.settle()
+    barrier = manager.Barrier(procs, timeout=300)
+    tasks = [
+        (kind, str(root), "shared" if shared else f"own-{w}", w, duration, tag, barrier)
+        for w in range(procs)
+    ]
+    results = mpool.starmap(_mp_worker, tasks)
+    start = min(r["start"] for r in results)
+    end = max(r["end"] for r in results)
+    counts = [r["acknowledged"] for r in results]
+    lat = [x for r in results for x in r["latencies"]]
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    acked = sum(counts)
+    # Every acknowledged append is in the store (warm-up appends included).
+    if kind == "loopstore":
+        with FileSystemSessionStore(root) as check:
+            stored = sum(check.session_info(sid).loop_count for sid in check.list_ids())
+    else:
+        db = bl.SqliteStore(root / "bench.sqlite")
+        (stored,) = db.conn.execute("SELECT COUNT(*) FROM loops").fetchone()
+        db.close()
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "rate_per_s": acked / (end - start),
+        "seconds": end - start,
+        "acknowledged": acked,
+        "stored_ok": stored == acked + WARMUP * procs,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "per_process": counts,
+        "fairness": min(counts) / max(counts) if max(counts) else 0.0,
+        "p50_s": bl.median(lat),
+        "p99_s": bl.pct(lat, 99),
+        "max_s": max(lat) if lat else float("nan"),
+        "cpu_per_append_s": sum(r["cpu_s"] for r in results) / acked if acked else float("nan"),
+    }
+
+
+def bench_parallel(base: Path, procs: int, rounds: int, duration: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    with ctx.Manager() as manager, ctx.Pool(procs) as mpool:
+        for r in range(rounds):
+            for shared in (False, True):
+                mode = "shared" if shared else "own"
+                kinds = ["loopstore", "sqlite"] if r % 2 == 0 else ["sqlite", "loopstore"]
+                for kind in kinds:
+                    key = f"{kind}_{mode}"
+                    res = parallel_run(
+                        mpool,
+                        manager,
+                        kind,
+                        base / f"par-{key}-{r}",
+                        procs,
+                        shared,
+                        duration,
+                        f"r{r}",
+                    )
+                    runs.setdefault(key, []).append(res)
+                    bl.say(
+                        f"  round {r + 1}/{rounds} {key}: {res['rate_per_s']:.0f} appends/s,"
+                        f" p99 {res['p99_s'] * 1e3:.1f} ms, errors {res['errors']},"
+                        f" per process {min(res['per_process'])}-{max(res['per_process'])},"
+                        f" CPU {res['cpu_per_append_s'] * 1e3:.2f} ms/append"
+                    )
+    out: dict[str, Any] = {"processes": procs, "rounds": rounds, "duration_s": duration}
+    for key, rs in runs.items():
+        by_rate = sorted(rs, key=lambda x: x["rate_per_s"])
+        mid = by_rate[len(by_rate) // 2]
+        out[key] = {
+            "rate_per_s": bl.median([x["rate_per_s"] for x in rs]),
+            "p99_s": bl.median([x["p99_s"] for x in rs]),
+            "p50_s": bl.median([x["p50_s"] for x in rs]),
+            "cpu_per_append_s": bl.median([x["cpu_per_append_s"] for x in rs]),
+            "errors": sum(x["errors"] for x in rs),
+            "stored_ok": all(x["stored_ok"] for x in rs),
+            "median_run_per_process": mid["per_process"],
+            "median_run_fairness": mid["fairness"],
+            "runs": rs,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- table
+
+
+def rows_of(res: dict[str, Any]) -> list[bl.Row]:
+    rows: list[bl.Row] = []
+    nv = res["append_vs_n"]
+    med = nv["median_s"]
+    for n in [n for n in (10_000, 100_000) if n in med]:
+        measure = f"durable append, N={n:,} vs N=2 (median)"
+        rows.append(bl.compare("1", measure, med[n], med[2], label="N=2", op="<=", goal=1.3))
+    if "phicore_n1000_s" in nv:
+        measure = "durable append, N=1,000 (median)"
+        rows.append(bl.compare("1", measure, med[1000], nv["phicore_n1000_s"], label="phi-core"))
+    ls, sq = res["single"]["loopstore"], res["single"]["sqlite"]
+    for stat, label in (("median_s", "median"), ("p99_s", "p99")):
+        measure = f"single-writer durable append, {label}"
+        target = "<= 1.2x (moonshot 1.0x)"
+        rows.append(bl.compare("2", measure, ls[stat], sq[stat], op="<=", goal=1.2, target=target))
+    par = res["parallel"]
+    procs = par["processes"]
+    for mode, key, goal in (("own", "3", 1.2), ("shared", "4", 2.0)):
+        a, b = par[f"loopstore_{mode}"], par[f"sqlite_{mode}"]
+        what = f"{procs} procs, " + ("own sessions" if mode == "own" else "ONE shared session")
+        rows.append(
+            bl.compare(
+                key,
+                f"{what}: appends/s",
+                a["rate_per_s"],
+                b["rate_per_s"],
+                unit="/s",
+                op=">=",
+                goal=goal,
+            )
         )
-    start = min(r[0] for r in results)
-    end = max(r[1] for r in results)
-    return procs * count / (end - start)
+        lost = "" if a["stored_ok"] else " (ACKNOWLEDGED APPENDS MISSING)"
+        rows.append(
+            bl.Row(
+                key,
+                f"{what}: errors, all rounds",
+                a["errors"],
+                "count",
+                b["errors"],
+                "SQLite",
+                target="0",
+                met=a["errors"] == 0 and a["stored_ok"],
+                display=f"{a['errors']}{lost}",
+            )
+        )
+        rows.append(bl.compare(key, f"{what}: p99 latency", a["p99_s"], b["p99_s"]))
+        ca, cb = a["median_run_per_process"], b["median_run_per_process"]
+        fa, fb = a["median_run_fairness"], b["median_run_fairness"]
+        rows.append(
+            bl.Row(
+                key,
+                f"{what}: appends per process, min/max",
+                fa,
+                "x",
+                fb,
+                "SQLite",
+                target="info",
+                display=f"{min(ca)}/{max(ca)} = {fa:.2f}",
+                base_display=f"{min(cb)}/{max(cb)} = {fb:.2f}",
+            )
+        )
+    for mode in ("own", "shared"):
+        a, b = par[f"loopstore_{mode}"], par[f"sqlite_{mode}"]
+        measure = f"CPU per append, {procs} procs, {mode} session" + ("s" if mode == "own" else "")
+        cpu_a, cpu_b = a["cpu_per_append_s"], b["cpu_per_append_s"]
+        rows.append(bl.compare("5", measure, cpu_a, cpu_b, op="<=", goal=1.2))
+    measure = "CPU per append, single writer"
+    rows.append(bl.compare("5", measure, ls["cpu_per_append_s"], sq["cpu_per_append_s"]))
+    fl = res["floor"]
+    for k, label in (
+        ("durable_small_file_s", "durable small file"),
+        ("fdatasync_20k_append_s", "fdatasync 20 KB append"),
+    ):
+        measure = "single-writer append (median) vs physical floor"
+        rows.append(bl.compare("F", measure, ls["median_s"], fl[k], label=label))
+    return rows
 
 
 # --------------------------------------------------------------------------- main
 
 
-def run(base: Path, quick: bool, loop_bytes: int, out: dict[str, Any]) -> None:
-    def say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
-
-    pool = loop_pool(7, "bench-n", POOL, loop_bytes)
-    sizes = [len(lp.model_dump_json()) for lp in pool]
-    out["workload"] = {
-        "loop_bytes_mean": int(statistics.mean(sizes)),
-        "loop_bytes_min": min(sizes),
-        "loop_bytes_max": max(sizes),
-        "pool": len(pool),
-    }
-
-    # 1. fsync floor and a durable small-loop append
-    floor = fsync_floor(base / "floor", 40 if quick else 200)
-    out["fsync_floor_ms"] = floor * 1e3
-    small_pool = loop_pool(9, "small", 4, 2000)
-    store = FileSystemSessionStore(base / "ls-small")
-    store.save(make_session(1, "small", make_loops(small_pool, 0, 3, "s")))
-    smalls = make_loops(small_pool, 10, 20 if quick else 100, "s")
-    small_raw = len(smalls[0].model_dump_json())
-    settle()
-    it = iter(smalls)
-    small_ms = timed(lambda: store.append_loop("small", next(it)), len(smalls)) * 1e3
-    out["small_append"] = {
-        "loop_json_bytes": small_raw,
-        "ms": small_ms,
-        "x_floor": small_ms / (floor * 1e3),
-    }
-    say(f"fsync floor {floor * 1e3:.2f} ms; small append {small_ms:.2f} ms")
-
-    # 2. append latency vs session size
-    ns = [1, 10, 100] if quick else [1, 10, 100, 1000]
-    reps = 8 if quick else 20
-    out["append_vs_n"] = []
-    phi = PhiCoreScheme(base / "phi")
-    for n in ns:
-        sid = f"n{n}"
-        existing = make_loops(pool, 0, n, "a")
-        setup = FileSystemSessionStore(base / "ls", durable=False)
-        setup.save(make_session(n, sid, existing))
-        store = FileSystemSessionStore(base / "ls")
-        new = iter(make_loops(pool, n, reps + WARMUP, "b"))
-        settle()
-        for _ in range(WARMUP):
-            store.append_loop(sid, next(new))
-        ours = timed(lambda s=store, i=sid, it=new: s.append_loop(i, next(it)), reps)
-        session = make_session(n, sid, existing)
-        phi.save(session)
-        settle()
-        phi_reps = 3 if n <= 100 else 2
-        extra = iter(make_loops(pool, n, phi_reps, "c"))
-        theirs = timed(lambda p=phi, s=session, it=extra: p.append(s, next(it)), phi_reps)
-        row = {
-            "n": n,
-            "loopstore_ms": ours * 1e3,
-            "phicore_ms": theirs * 1e3,
-            "speedup": theirs / ours,
-        }
-        out["append_vs_n"].append(row)
-        say(f"N={n}: loopstore {ours * 1e3:.2f} ms, phi-core {theirs * 1e3:.1f} ms")
-        if n == 100:
-            # 3. bytes on disk and 4. full load, on the 100-loop session
-            ls_bytes = dir_bytes(base / "ls" / "sessions" / sid)
-            legacy_path = legacy.save_session(store.load(sid), base / "legacy")
-            phi_bytes = legacy_path.stat().st_size
-            out["bytes_100"] = {
-                "loopstore": ls_bytes,
-                "phicore": phi_bytes,
-                "ratio": phi_bytes / ls_bytes,
-            }
-            lreps = 3 if quick else 7
-            ours_load = timed(lambda s=store, i=sid: s.load(i), lreps)
-            theirs_load = timed(lambda p=phi, i=sid: p.load(i), lreps)
-            out["load_100"] = {
-                "loopstore_ms": ours_load * 1e3,
-                "phicore_ms": theirs_load * 1e3,
-                "speedup": theirs_load / ours_load,
-            }
-            say(f"load 100: loopstore {ours_load * 1e3:.0f} ms, phi-core {theirs_load * 1e3:.0f}")
-        shutil.rmtree(base / "phi", ignore_errors=True)
-        phi = PhiCoreScheme(base / "phi")
-    flat = out["append_vs_n"][-1]["loopstore_ms"] / out["append_vs_n"][0]["loopstore_ms"]
-    out["append_flatness"] = flat
-
-    # 5. 8 processes appending durably
-    # (interleaved rounds, median per scheme: a shared 2-core VM is noisy)
-    procs = 8
-    count = 6 if quick else 25
-    rounds = 1 if quick else 3
-    runs: dict[str, list[float]] = {}
-    for r in range(rounds):
-        for shared in (False, True):
-            for kind in ("loopstore", "sqlite"):
-                key = f"{kind}_{'shared' if shared else 'own'}"
-                rate = parallel_appends(
-                    kind, base / f"par-{key}-{r}", procs, count, shared, loop_bytes
-                )
-                runs.setdefault(key, []).append(rate)
-                say(f"{key}: {rate:.0f} appends/s")
-    out["parallel_appends_per_s"] = {k: statistics.median(v) for k, v in runs.items()}
-    out["parallel_runs"] = runs
-    out["parallel"] = {"processes": procs, "appends_each": count, "rounds": rounds}
-
-
-def table(out: dict[str, Any]) -> str:
-    rows = []
-    fl = out["fsync_floor_ms"]
-    sm = out["small_append"]
-    rows.append(("fsync floor (2 KB tmp+fsync+rename+dir fsync)", f"{fl:.2f} ms", "", ""))
-    rows.append(
-        (
-            f"durable append_loop, small loop ({sm['loop_json_bytes']} B JSON)",
-            f"{sm['ms']:.2f} ms",
-            "",
-            f"{sm['x_floor']:.2f}x floor (target <= 3x)",
-        )
-    )
-    for r in out["append_vs_n"]:
-        rows.append(
-            (
-                f"append one loop to N={r['n']}",
-                f"{r['loopstore_ms']:.2f} ms",
-                f"{r['phicore_ms']:.1f} ms",
-                f"{r['speedup']:.0f}x faster",
-            )
-        )
-    rows.append(
-        ("append flatness N=max / N=1", f"{out['append_flatness']:.2f}x", "", "target <= 1.5x")
-    )
-    b = out["bytes_100"]
-    rows.append(
-        (
-            "bytes on disk, 100 loops",
-            f"{b['loopstore'] / 1e6:.2f} MB",
-            f"{b['phicore'] / 1e6:.1f} MB",
-            f"1/{b['ratio']:.1f} (target <= 1/15)",
-        )
-    )
-    ld = out["load_100"]
-    rows.append(
-        (
-            "full load, 100 loops (models included)",
-            f"{ld['loopstore_ms']:.0f} ms",
-            f"{ld['phicore_ms']:.0f} ms",
-            f"{ld['speedup']:.2f}x faster",
-        )
-    )
-    par = out["parallel_appends_per_s"]
-    for mode in ("own", "shared"):
-        ours, sq = par[f"loopstore_{mode}"], par[f"sqlite_{mode}"]
-        label = "own sessions" if mode == "own" else "one shared session"
-        rows.append(
-            (
-                f"8 procs durable appends/s, {label}",
-                f"{ours:.0f}/s",
-                f"{sq:.0f}/s (SQLite)",
-                f"{ours / sq:.2f}x SQLite",
-            )
-        )
-    w = [
-        max(len(r[i]) for r in [*rows, ("measure", "loopstore", "baseline", "ratio")])
-        for i in range(4)
-    ]
-    head = ("measure", "loopstore", "baseline", "ratio")
-    lines = [
-        "| " + " | ".join(h.ljust(w[i]) for i, h in enumerate(head)) + " |",
-        "|" + "|".join("-" * (x + 2) for x in w) + "|",
-    ]
-    lines += ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller run (N <= 100, fewer reps)")
-    ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="about 1 minute: fewer reps and rounds")
+    mode.add_argument("--long", action="store_true", help="also N = 100,000 (a few minutes more)")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="write every figure here")
     ap.add_argument("--dir", type=Path, help="scratch directory (default: a temp dir)")
-    ap.add_argument("--loop-bytes", type=int, default=LOOP_BYTES)
+    ap.add_argument("--procs", type=int, default=8, help="processes in rows 3-5 (default 8)")
     args = ap.parse_args(argv)
+
+    quick, long = args.quick, args.long
+    cfg: dict[str, Any] = {
+        "mode": "quick" if quick else "long" if long else "default",
+        "ns": [2, 1000, 10_000] + ([100_000] if long else []),
+        "n_reps": 20 if quick else 40,
+        "phi_reps": 2 if quick else 3,
+        "single_appends": 200 if quick else 600,
+        "floor_reps": 50 if quick else 200,
+        "procs": args.procs,
+        "rounds": 3 if quick else 7,
+        "duration_s": 3.0 if quick else 5.0,
+    }
+    if args.dir:
+        args.dir.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="loopstore-bench-", dir=args.dir))
-    out: dict[str, Any] = {"quick": args.quick, "python": sys.version.split()[0]}
-    t0 = time.monotonic()
+    env = bl.environment(base)
+    print(bl.environment_line(env), flush=True)
+    t_start = time.monotonic()
+    res: dict[str, Any] = {}
     try:
-        run(base, args.quick, args.loop_bytes, out)
+        pool = bl.realistic_pool(1)
+        filler = bl.small_pool(2)
+        res["workload"] = {
+            "loop_json_bytes": bl.size_summary(bl.json_sizes(pool)),
+            "filler_json_bytes": bl.size_summary(bl.json_sizes(filler)),
+        }
+        w = res["workload"]["loop_json_bytes"]
+        print(
+            f"workload: {w['count']} distinct synth loops of {w['min'] / 1e3:.0f}-"
+            f"{w['max'] / 1e3:.0f} KB JSON (median {w['median'] / 1e3:.0f} KB), fresh loop id"
+            " per append; mode " + cfg["mode"],
+            flush=True,
+        )
+        bl.say("floor: durable small file, fdatasync of a 20 KB append")
+        res["floor"] = {
+            "durable_small_file_s": bl.median(
+                bl.floor_durable_small_file(base / "floor", cfg["floor_reps"])
+            ),
+            "fdatasync_20k_append_s": bl.median(
+                bl.floor_fdatasync_append(base / "floor" / "journal", cfg["floor_reps"])
+            ),
+        }
+        bl.say("2. single writer, loopstore vs SQLite")
+        res["single"] = bench_single(base, pool, cfg["single_appends"])
+        bl.say("1. append latency vs session size")
+        res["append_vs_n"] = bench_append_vs_n(
+            base, pool, filler, cfg["ns"], cfg["n_reps"], cfg["phi_reps"]
+        )
+        bl.say(f"3-5. {args.procs} processes, own sessions and one shared session")
+        res["parallel"] = bench_parallel(base, args.procs, cfg["rounds"], cfg["duration_s"])
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    out["seconds"] = time.monotonic() - t0
-    print(table(out))
-    print(f"({out['seconds']:.0f} s; mean loop {out['workload']['loop_bytes_mean']} B of JSON)")
+    rows = rows_of(res)
+    seconds = time.monotonic() - t_start
+    print(bl.render(rows))
+    env["loadavg_end"] = bl.loadavg()
+    load = " ".join(map(str, env["loadavg_end"]))
+    print(f"{bl.summary(rows)}; {seconds:.0f} s in all; load average at the end {load}")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        res["seconds"] = seconds
+        bl.write_json(args.json, bl.document("bench", env, cfg, rows, **res))
     return 0
 
 

@@ -421,7 +421,7 @@ class Ctx:
             return ""
         try:
             if any(self.local_root.iterdir()):
-                return f" (a directory with other files and no {_MARKER_NAME})"
+                return " (a directory with other files and no loopstore.json)"
         except OSError:
             pass
         return ""
@@ -449,27 +449,10 @@ class Ctx:
 
 
 def _store_exists(location: str) -> bool:
-    """`locations.store_exists` (every kind of store). Until that lands, a local store is
-    recognized by its marker file; an object store cannot be checked without opening it,
-    which could create it, so it is refused."""
+    """A store marker is at `location` (nothing is created; an unknown scheme is refused)."""
     from loopstore import locations
 
-    probe: Callable[[str], bool] | None = getattr(locations, "store_exists", None)
-    if probe is not None:
-        return bool(probe(location))
-    if locations.is_url(location):
-        if not location.startswith("s3://"):
-            locations.open_store(location)  # an unknown scheme: ValueError, nothing made
-        raise CliError(
-            f"store {location}: this loopstore cannot look for an object store "
-            "(loopstore.locations.store_exists is missing)",
-            EXIT_USAGE,
-        )
-    return locations.local_path(location).joinpath(_MARKER_NAME).is_file()
-
-
-_MARKER_NAME = "loopstore.json"
-"""ondisk.MARKER_NAME (not imported: `_store_exists` falls back on it only)."""
+    return locations.store_exists(location)
 
 
 @contextlib.contextmanager

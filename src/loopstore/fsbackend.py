@@ -944,6 +944,9 @@ class FileSystemBackend:
         if self.durable:
             try:
                 atomic.sync(self.sessions_fd, "sessions-dir")
+                # tmp/ too: under the strictest model a rename is durable only with both
+                # directories synced, and the files are removed from the moved tree next.
+                atomic.sync(self.tmp_fd, "staging")
             except OSError as exc:
                 raise storage_error(session_id, "fsync sessions directory", path, exc) from exc
         # Failures leave a leftover in tmp/ that gc removes later; nothing refers to it.

@@ -10,10 +10,11 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loopstore import ondisk
 from loopstore.store import FileSystemSessionStore, SessionStore
 
 if TYPE_CHECKING:
-    pass
+    from loopstore.aio import AsyncSessionStore
 
 
 def is_url(location: str | os.PathLike[str]) -> bool:
@@ -26,19 +27,47 @@ def local_path(location: str | os.PathLike[str]) -> Path:
     return Path(os.fspath(location).removeprefix("file://"))
 
 
+def _check_scheme(text: str) -> None:
+    if is_url(text) and not text.startswith("s3://"):
+        scheme = text.split("://", 1)[0]
+        raise ValueError(
+            f"unsupported store location {text!r}: scheme {scheme!r} (use a path, file:// or s3://)"
+        )
+
+
 def open_store(location: str | os.PathLike[str], **options: Any) -> SessionStore:
-    """The store at `location` with the same options as `FileSystemSessionStore`."""
+    """The store at `location` (created if missing) with `FileSystemSessionStore`'s options.
+
+    A path or file:// URL gives a `FileSystemSessionStore`; s3://bucket/prefix an
+    `S3SessionStore` (extra `loopstore[s3]`), whose endpoint, region and credentials come
+    from the standard AWS configuration unless given as keywords.
+    """
     text = os.fspath(location)
+    _check_scheme(text)
     if text.startswith("s3://"):
         from loopstore.s3store import S3SessionStore
 
-        return S3SessionStore(text, **options)
-    if is_url(text):
-        scheme = text.split("://", 1)[0]
-        raise ValueError(
-            f"unsupported store location {text!r}: scheme {scheme!r} (use a path or s3://)"
-        )
+        store: SessionStore = S3SessionStore(text, **options)
+        return store
     return FileSystemSessionStore(local_path(text), **options)
 
 
-__all__ = ["is_url", "local_path", "open_store"]
+def open_async_store(location: str | os.PathLike[str], **options: Any) -> AsyncSessionStore[Any]:
+    """`open_store` for asyncio: the same store, each call run in a worker thread."""
+    from loopstore.aio import AsyncSessionStore
+
+    return AsyncSessionStore(open_store(location, **options))
+
+
+def store_exists(location: str | os.PathLike[str], **options: Any) -> bool:
+    """True if `location` holds a store (its marker), without creating anything."""
+    text = os.fspath(location)
+    _check_scheme(text)
+    if text.startswith("s3://"):
+        from loopstore.s3store import s3_store_exists
+
+        return bool(s3_store_exists(text, **options))
+    return (local_path(text) / ondisk.MARKER_NAME).is_file()
+
+
+__all__ = ["is_url", "local_path", "open_async_store", "open_store", "store_exists"]

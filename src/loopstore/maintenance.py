@@ -446,10 +446,10 @@ def import_legacy(
 ) -> ImportReport:
     """Import phi-core `{session_id}.json` files; never stops on a bad file.
 
-    A stored session the file would take something from (a loop the file lacks or holds
-    in another version, or a header changed in the store while the file adds nothing)
-    is a conflict: left unchanged, unless `overwrite` says the file wins. Re-importing
-    the same files changes nothing.
+    A stored session the file would take loops from (a loop the file lacks, or holds in
+    another version) is a conflict: left unchanged, unless `overwrite` says the file
+    wins. Otherwise the file's loops and header are imported (a file that grew is an
+    update). Re-importing the same files changes nothing.
     """
     report = ImportReport()
     base = Path(directory)
@@ -493,12 +493,13 @@ def _import_one(store: SessionStore, session: Session, overwrite: bool) -> str:
                 current = None
             if current is not None:
                 dumped = [
-                    (lp.loop_id, ondisk.digest(lp.model_dump_json().encode()))
+                    (
+                        lp.loop_id,
+                        ondisk.digest(lp.model_dump_json(indent=ondisk.JSON_INDENT).encode()),
+                    )
                     for lp in session.loops
                 ]
-                header_same = dict(current.header) == session.header()
-                adds = len(dumped) > current.loop_count
-                if not _covers(current, dumped) or (not header_same and not adds):
+                if not _covers(current, dumped):
                     return "conflict"
         return store._save(session)
 
