@@ -16,7 +16,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import stat
+import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -415,6 +417,221 @@ class FsSession:
         if old_generation != new_generation:
             atomic.unlink_quiet(self._sfd, ondisk.journal_filename(old_generation))
         return manifest[-MANIFEST_TAIL_BYTES:], journal.MARK_BYTES
+
+
+class FsQueue:
+    """One session's group-commit hand-off queue (`locks/<id>.q/`), opened once.
+
+    Files, each named by a time-ordered token: `<token>.item`, an append waiting for the
+    lock holder; `<token>.claimed`, the same once a holder took it; `<token>.done`, its
+    outcome (the claimed item renamed: committed; anything else: the holder's error).
+    Renames and unlinks settle every race; nothing here is ever fsynced.
+    """
+
+    def __init__(self, backend: FileSystemBackend, session_id: str, fd: int) -> None:
+        self._b = backend
+        self._sid = session_id
+        self._fd = fd
+        self._ringer: socket.socket | None = None
+
+    def close(self) -> None:
+        os.close(self._fd)
+        if self._ringer is not None:
+            self._ringer.close()
+
+    def _err(self, verb: str, exc: OSError) -> Exception:
+        return storage_error(self._sid, verb, self._b.layout.queue(self._sid), exc)
+
+    # -- the waiter's side -----------------------------------------------------------
+
+    def deposit(self, token: str, data: bytes) -> None:
+        """Leave an append for the lock holder: `<token>.item`, whole or not at all."""
+        tmp = atomic.tmp_name(ITEM_SUFFIX)
+        try:
+            atomic.create_file(self._fd, tmp, data, point=None)
+            atomic.rename(self._fd, tmp, self._fd, token + ITEM_SUFFIX)
+        except OSError as exc:
+            atomic.unlink_quiet(self._fd, tmp)
+            raise self._err("hand off append", exc) from exc
+
+    def withdraw(self, token: str) -> bool:
+        """Take back a handed-off append; False if a holder claimed it first."""
+        try:
+            os.unlink(token + ITEM_SUFFIX, dir_fd=self._fd)
+            return True
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._err("withdraw hand-off", exc) from exc
+
+    def outcome(self, token: str) -> bytes | None:
+        """The outcome a holder posted for `token` (taken: read once), None if none yet.
+
+        An empty answer means committed; anything else is the holder's error.
+        """
+        name = token + DONE_SUFFIX
+        try:
+            os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+            data = atomic.read_file(self._fd, name)
+            atomic.unlink_quiet(self._fd, name)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise self._err("read hand-off outcome", exc) from exc
+        return b"" if data.startswith(journal.MAGIC + journal.KIND_ITEM) else data
+
+    # -- maintenance -----------------------------------------------------------------
+
+    def files(self) -> list[FileStat]:
+        try:
+            return _scan(self._fd, self._b.layout.queue(self._sid))
+        except OSError as exc:
+            raise self._err("list hand-off queue", exc) from exc
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(name, dir_fd=self._fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._err("remove hand-off file", exc) from exc
+
+    # -- the holder's side -----------------------------------------------------------
+
+    def claim(self, limit_bytes: int) -> tuple[list[bytes], list[bytes]]:
+        """Claims a dead holder left (the caller holds the lock), and the waiting appends
+        now claimed, oldest first, up to about `limit_bytes` in all: one directory scan.
+
+        Claiming is renaming `<token>.item` to `<token>.claimed`: a waiter that
+        withdraws first (unlinks the item) keeps its append, and our rename fails.
+        """
+        orphans: list[bytes] = []
+        fresh: list[bytes] = []
+        total = 0
+        try:
+            for name in sorted(_names(self._fd)):
+                if name.endswith(CLAIMED_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        orphans.append(atomic.read_file(self._fd, name))
+                    continue
+                if not name.endswith(ITEM_SUFFIX) or total >= limit_bytes:
+                    continue
+                claimed = name[: -len(ITEM_SUFFIX)] + CLAIMED_SUFFIX
+                try:
+                    atomic.rename(self._fd, name, self._fd, claimed)
+                    data = atomic.read_file(self._fd, claimed)
+                except FileNotFoundError:
+                    continue  # withdrawn
+                fresh.append(data)
+                total += len(data)
+        except OSError as exc:
+            raise self._err("read hand-off queue", exc) from exc
+        return orphans, fresh
+
+    def requeue(self, token: str) -> None:
+        """Put an orphaned claim back in the queue (it was never committed)."""
+        try:
+            atomic.rename(self._fd, token + CLAIMED_SUFFIX, self._fd, token + ITEM_SUFFIX)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._err("requeue hand-off", exc) from exc
+
+    def post(self, token: str, error: bytes | None) -> None:
+        """Tell the waiter `token` how its claimed append ended: committed (None: the
+        claim is renamed to `.done`, one syscall) or failed (the error, written aside)."""
+        try:
+            if error is None:
+                atomic.rename(self._fd, token + CLAIMED_SUFFIX, self._fd, token + DONE_SUFFIX)
+                return
+            tmp = atomic.tmp_name(DONE_SUFFIX)
+            try:
+                atomic.create_file(self._fd, tmp, error, point=None)
+                atomic.rename(self._fd, tmp, self._fd, token + DONE_SUFFIX)
+            except OSError:
+                atomic.unlink_quiet(self._fd, tmp)
+                raise
+            atomic.unlink_quiet(self._fd, token + CLAIMED_SUFFIX)
+        except OSError as exc:
+            raise self._err("post hand-off outcome", exc) from exc
+
+    # -- wake-ups (so waiters need not poll) --------------------------------------------
+
+    @contextlib.contextmanager
+    def doorbell(self, token: str) -> Iterator[Doorbell | None]:
+        """A socket the holder rings when `token`'s outcome is posted or the lock is free.
+
+        Linux abstract sockets (no file, gone with the process); elsewhere None, and the
+        waiter polls.
+        """
+        bell = Doorbell.open(token)
+        try:
+            yield bell
+        finally:
+            if bell is not None:
+                bell.close()
+
+    def ring(self, token: str) -> None:
+        """Wake the waiter `token` (if it still listens; a bell nobody hears is fine)."""
+        if self._ringer is None:
+            self._ringer = Doorbell.ringer()
+        if self._ringer is not None:
+            Doorbell.ring(self._ringer, token)
+
+    def ring_oldest(self) -> None:
+        """The lock is free: wake the oldest waiting append, to take it and serve the rest."""
+        try:
+            waiting = sorted(n for n in _names(self._fd) if n.endswith(ITEM_SUFFIX))
+        except OSError:
+            return
+        if waiting:
+            self.ring(waiting[0][: -len(ITEM_SUFFIX)])
+
+
+class Doorbell:
+    """One waiter's wake-up socket (AF_UNIX datagram in the abstract namespace)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    @staticmethod
+    def _address(token: str) -> str:
+        return f"\0loopstore.{token}"
+
+    @classmethod
+    def open(cls, token: str) -> Doorbell | None:
+        if not sys.platform.startswith("linux"):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(cls._address(token))
+        except OSError:
+            sock.close()
+            return None
+        return cls(sock)
+
+    def wait(self, timeout: float) -> None:
+        """Until rung, or `timeout` seconds (then the caller checks for itself)."""
+        self._sock.settimeout(max(timeout, 0.0))
+        with contextlib.suppress(OSError):  # a timeout included: the caller looks anyway
+            self._sock.recv(16)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    @staticmethod
+    def ringer() -> socket.socket | None:
+        """A socket to ring bells with (None where there are no bells)."""
+        if not sys.platform.startswith("linux"):
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        return sock
+
+    @classmethod
+    def ring(cls, ringer: socket.socket, token: str) -> None:
+        with contextlib.suppress(OSError):  # nobody listens (or the bell is full)
+            ringer.sendto(b"!", cls._address(token))
 
 
 class FileSystemBackend:
@@ -955,150 +1172,30 @@ class FileSystemBackend:
 
     # -- group-commit hand-off (locks/<id>.q/) -----------------------------------------
 
-    def _queue_fd(self, session_id: str, *, create: bool) -> int | None:
+    @contextlib.contextmanager
+    def queue(self, session_id: str, *, create: bool) -> Iterator[FsQueue | None]:
+        """The session's hand-off queue, open for one wait or one holder's round (None:
+        no queue and `create` is False)."""
+        q = self._open_queue(session_id, create=create)
+        try:
+            yield q
+        finally:
+            if q is not None:
+                q.close()
+
+    def _open_queue(self, session_id: str, *, create: bool) -> FsQueue | None:
         name = ondisk.queue_dirname(session_id)
         try:
-            return atomic.open_dir(name, self.locks_fd)
-        except FileNotFoundError:
-            if not create:
-                return None
-        try:
+            try:
+                return FsQueue(self, session_id, atomic.open_dir(name, self.locks_fd))
+            except FileNotFoundError:
+                if not create:
+                    return None
             atomic.mkdir(self.locks_fd, name)
-            return atomic.open_dir(name, self.locks_fd)
-        except OSError as exc:
-            raise storage_error(
-                session_id, "create hand-off queue", self.layout.queue(session_id), exc
-            ) from exc
-
-    def deposit(self, session_id: str, token: str, data: bytes) -> None:
-        """Leave an append for the lock holder: `<token>.item`, whole or not at all."""
-        path = self.layout.queue(session_id)
-        qfd = self._queue_fd(session_id, create=True)
-        assert qfd is not None
-        tmp = atomic.tmp_name(ITEM_SUFFIX)
-        try:
-            atomic.create_file(qfd, tmp, data, point=None)
-            atomic.rename(qfd, tmp, qfd, token + ITEM_SUFFIX)
-        except OSError as exc:
-            atomic.unlink_quiet(qfd, tmp)
-            raise storage_error(session_id, "hand off append", path, exc) from exc
-        finally:
-            os.close(qfd)
-
-    def withdraw(self, session_id: str, token: str) -> bool:
-        """Take back a handed-off append; False if a holder claimed it first."""
-        return self._unlink_queue(session_id, token + ITEM_SUFFIX)
-
-    def pending(self, session_id: str, token: str) -> bool:
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return False
-        try:
-            return _exists(qfd, token + ITEM_SUFFIX)
-        finally:
-            os.close(qfd)
-
-    def claim(self, session_id: str, limit_bytes: int) -> tuple[list[bytes], list[bytes]]:
-        """Claims a dead holder left (the caller holds the lock), and the waiting appends
-        now claimed, oldest first, up to about `limit_bytes` in all: one directory scan.
-
-        Claiming is renaming `<token>.item` to `<token>.claimed`: a waiter that
-        withdraws first (unlinks the item) keeps its append, and our rename fails.
-        """
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return [], []
-        orphans: list[bytes] = []
-        fresh: list[bytes] = []
-        total = 0
-        try:
-            for name in sorted(_names(qfd)):
-                if name.endswith(CLAIMED_SUFFIX):
-                    with contextlib.suppress(FileNotFoundError):
-                        orphans.append(atomic.read_file(qfd, name))
-                    continue
-                if not name.endswith(ITEM_SUFFIX) or total >= limit_bytes:
-                    continue
-                claimed = name[: -len(ITEM_SUFFIX)] + CLAIMED_SUFFIX
-                try:
-                    atomic.rename(qfd, name, qfd, claimed)
-                    data = atomic.read_file(qfd, claimed)
-                except FileNotFoundError:
-                    continue  # withdrawn
-                fresh.append(data)
-                total += len(data)
+            return FsQueue(self, session_id, atomic.open_dir(name, self.locks_fd))
         except OSError as exc:
             path = self.layout.queue(session_id)
-            raise storage_error(session_id, "read hand-off queue", path, exc) from exc
-        finally:
-            os.close(qfd)
-        return orphans, fresh
-
-    def requeue(self, session_id: str, token: str) -> None:
-        """Put an orphaned claim back in the queue (it was never committed)."""
-        qfd = self._queue_fd(session_id, create=True)
-        assert qfd is not None
-        try:
-            atomic.rename(qfd, token + CLAIMED_SUFFIX, qfd, token + ITEM_SUFFIX)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise storage_error(
-                session_id, "requeue hand-off", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
-
-    def post_outcome(self, session_id: str, token: str, data: bytes) -> None:
-        """Tell the waiter `token` how its claimed append ended (atomically), drop the claim."""
-        qfd = self._queue_fd(session_id, create=True)
-        assert qfd is not None
-        tmp = atomic.tmp_name(DONE_SUFFIX)
-        try:
-            atomic.create_file(qfd, tmp, data, point=None)
-            atomic.rename(qfd, tmp, qfd, token + DONE_SUFFIX)
-            atomic.unlink_quiet(qfd, token + CLAIMED_SUFFIX)
-        except OSError as exc:
-            atomic.unlink_quiet(qfd, tmp)
-            raise storage_error(
-                session_id, "post hand-off outcome", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
-
-    def take_outcome(self, session_id: str, token: str) -> bytes | None:
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return None
-        name = token + DONE_SUFFIX
-        try:
-            data = atomic.read_file(qfd, name)
-            atomic.unlink_quiet(qfd, name)
-            return data
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise storage_error(
-                session_id, "read hand-off outcome", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
-
-    def _unlink_queue(self, session_id: str, name: str) -> bool:
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return False
-        try:
-            os.unlink(name, dir_fd=qfd)
-            return True
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            raise storage_error(
-                session_id, "withdraw hand-off", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
+            raise storage_error(session_id, "open hand-off queue", path, exc) from exc
 
     # -- listing and maintenance ---------------------------------------------------------
 
@@ -1205,20 +1302,13 @@ class FileSystemBackend:
 
     def list_queue(self, session_id: str) -> list[FileStat]:
         """Hand-off files of a session (left behind by killed waiters; gc removes old ones)."""
-        qfd = self._queue_fd(session_id, create=False)
-        if qfd is None:
-            return []
-        try:
-            return _scan(qfd, self.layout.queue(session_id))
-        except OSError as exc:
-            raise storage_error(
-                session_id, "list hand-off queue", self.layout.queue(session_id), exc
-            ) from exc
-        finally:
-            os.close(qfd)
+        with self.queue(session_id, create=False) as q:
+            return [] if q is None else q.files()
 
     def delete_queue_file(self, session_id: str, name: str) -> None:
-        self._unlink_queue(session_id, name)
+        with self.queue(session_id, create=False) as q:
+            if q is not None:
+                q.remove(name)
 
 
 def _exists(dir_fd: int, name: str) -> bool:

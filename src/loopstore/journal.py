@@ -419,8 +419,9 @@ def _entry(obj: object, seq: int) -> ondisk.LoopEntry:
 class Change:
     """One commit being built against a state: its ops, the blobs it carries, its ids.
 
-    `state` follows along, so several hand-off items can be applied one after another
-    and each sees the ones before it.
+    Puts and header fields are tracked as they are added, so several hand-off items can
+    be applied one after another, each seeing the ones before it, at O(1) per item; the
+    rare whole-index and whole-header ops (save, update) follow along in `state`.
     """
 
     state: SessionState
@@ -430,28 +431,47 @@ class Change:
 
     def __post_init__(self) -> None:
         self.base = self.state
+        self._puts: dict[str, ondisk.LoopEntry] = {}
+        self._fields: dict[str, Any] = {}
 
     @property
     def empty(self) -> bool:
         return not self.ops
 
+    def has_loop(self, loop_id: str) -> bool:
+        return loop_id in self._puts or self.state.position(loop_id) is not None
+
+    def header_value(self, key: str) -> Any:
+        if key in self._fields:
+            return self._fields[key]
+        return self.state.header.get(key, _MISSING)
+
+    def _has_blob(self, digest: str) -> bool:
+        return (
+            digest in self.blobs
+            or self.state.has_blob(digest)
+            or any(e.blob == digest for e in self._puts.values())
+        )
+
     def _carry(self, blob: ondisk.EncodedBlob | None) -> None:
-        if blob is not None and not self.state.has_blob(blob.digest):
-            self.blobs.setdefault(blob.digest, blob)
+        if blob is not None and not self._has_blob(blob.digest):
+            self.blobs[blob.digest] = blob
 
     def put(self, entry: ondisk.LoopEntry, blob: ondisk.EncodedBlob | None) -> bool:
         """Add or replace one loop; False if the index already holds exactly that."""
-        current = self.state.entry(entry.loop_id)
+        current = self._puts.get(entry.loop_id) or self.state.entry(entry.loop_id)
         if current is not None and current.blob == entry.blob:
             return False
         self._carry(blob)
-        self._push({"op": "put", "entry": entry.as_json()})
+        self.ops.append({"op": "put", "entry": entry.as_json()})
+        self._puts[entry.loop_id] = entry
         return True
 
     def set_fields(self, fields: Mapping[str, Any]) -> None:
-        changed = {k: v for k, v in fields.items() if self.state.header.get(k, _MISSING) != v}
+        changed = {k: v for k, v in fields.items() if self.header_value(k) != v}
         if changed:
-            self._push({"op": "set", "fields": changed})
+            self.ops.append({"op": "set", "fields": changed})
+            self._fields.update(changed)
 
     def set_header(self, header: Mapping[str, Any]) -> None:
         if dict(self.state.header) != dict(header):
@@ -483,10 +503,20 @@ class Change:
         self._push({"op": "loops", "loops": [e.as_json() for e in entries]})
 
     def _push(self, op: dict[str, Any]) -> None:
+        """A whole-header or whole-index op: `state` follows (with earlier puts/fields)."""
         self.ops.append(op)
-        # Follow along with a provisional state (locator -1: its blobs are not placed yet).
-        meta = {"seq": self.state.generation + 1, "ops": [op]}
-        nxt = self.state.apply(meta, -1, 0)
+        if self._puts or self._fields:  # fold them in first (never mixed in practice)
+            prior = [{"op": "put", "entry": e.as_json()} for e in self._puts.values()]
+            if self._fields:
+                prior.append({"op": "set", "fields": dict(self._fields)})
+            self._follow(prior)
+            self._puts.clear()
+            self._fields.clear()
+        self._follow([op])
+
+    def _follow(self, ops: list[dict[str, Any]]) -> None:
+        # A provisional state (locator -1: its blobs are not placed yet).
+        nxt = self.state.apply({"seq": self.state.generation + 1, "ops": ops}, -1, 0)
         self.state = replace(
             nxt,
             generation=self.state.generation,

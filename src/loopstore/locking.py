@@ -162,11 +162,27 @@ class LockManager:
         `deadline` (a time.monotonic() value) overrides now + lock_timeout, for a caller
         whose budget started earlier.
         """
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout
+        got, why = self._take(session_id, owner, deadline)
+        if got is None:
+            raise self.locked_error(session_id, why)
+        return got
+
+    def try_acquire(self, session_id: str) -> object | None:
+        """One attempt, no waiting: the owner token, or None if the lock is busy.
+
+        Cheap enough to poll: no exception is built, the lock file stays open.
+        """
+        return self._take(session_id, None, time.monotonic())[0]
+
+    def _take(
+        self, session_id: str, owner: object | None, deadline: float
+    ) -> tuple[object | None, str]:
+        """The lock by `deadline`: (owner token, "") or (None, on whom the wait ended)."""
         key = self.key(session_id)
         if owner is None:
             owner = _current_owner(key)
-        if deadline is None:
-            deadline = time.monotonic() + self.timeout
         with _mutex:
             entry = _entries.get(key)
             if entry is None:
@@ -177,34 +193,34 @@ class LockManager:
             with entry.cond:
                 if entry.owner is not None and entry.owner == owner:
                     entry.depth += 1
-                    return owner
+                    return owner, ""
                 while entry.owner is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        raise self.locked_error(session_id, "held by another thread")
+                        self._drop_user(key, entry)
+                        return None, "held by another thread"
                     entry.cond.wait(remaining)
                 entry.owner = owner
                 entry.depth = 1
             try:
-                self._acquire_file(entry, session_id, deadline)
+                got = self._acquire_file(entry, session_id, deadline)
             except BaseException:
                 entry.file_lock.force_close()
-                with entry.cond:
-                    entry.owner = None
-                    entry.depth = 0
-                    entry.cond.notify_all()
+                got = False
                 raise
+            finally:
+                if not got:
+                    with entry.cond:
+                        entry.owner = None
+                        entry.depth = 0
+                        entry.cond.notify_all()
         except BaseException:
             self._drop_user(key, entry)
             raise
-        return owner
-
-    def try_acquire(self, session_id: str) -> object | None:
-        """One attempt, no waiting: the owner token, or None if the lock is busy."""
-        try:
-            return self.acquire(session_id, deadline=time.monotonic())
-        except SessionLocked:
-            return None
+        if not got:
+            self._drop_user(key, entry)
+            return None, "held by another process"
+        return owner, ""
 
     def release(self, session_id: str, owner: object | None = None) -> None:
         key = self.key(session_id)
@@ -233,23 +249,21 @@ class LockManager:
         finally:
             self.release(session_id, owner)
 
-    def _acquire_file(self, entry: _Entry, session_id: str, deadline: float) -> None:
+    def _acquire_file(self, entry: _Entry, session_id: str, deadline: float) -> bool:
+        """Poll the file lock until `deadline`; False if another process kept it."""
         lock = entry.file_lock
         delay = min(LOCK_FIRST_POLL_S, self.poll_interval)
         while True:
             try:
                 if lock.acquire(blocking=False):
-                    return
+                    return True
             except (OSError, threading.ThreadError) as exc:
                 lock.force_close()
                 path = self._lock_path(session_id)
                 raise StorageError(session_id, f"cannot use lock file: {exc}", path=path) from exc
             now = time.monotonic()
             if now >= deadline:
-                # Close our descriptor now: a lingering one (kept alive by a traceback)
-                # would, when collected, drop a lock a later entry holds.
-                lock.force_close()
-                raise self.locked_error(session_id, "held by another process")
+                return False
             time.sleep(min(delay, deadline - now))
             delay = min(delay * 2, self.poll_interval)
 

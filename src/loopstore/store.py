@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import pydantic
 
 from loopstore import _lossless, errors, faults, journal, ondisk
-from loopstore.backend import Backend, CommitConflict, SessionHandle
+from loopstore.backend import Backend, CommitConflict, HandoffQueue, SessionHandle
 from loopstore.catalog import Catalog, CatalogUnusable, Summary
 from loopstore.errors import (
     CorruptSession,
@@ -74,13 +74,21 @@ STATE_CACHE_SIZE: Final = 256
 #: Parsed session states kept per store (checked against the manifest tail on every use).
 FOLD_MIN_RECORDS: Final = 256
 FOLD_MIN_BYTES: Final = 4 << 20
-#: A journal is folded into a new checkpoint once it holds this many records or bytes,
-#: or (whichever is larger) as many bytes as the checkpoint: folding costs O(loops), so
-#: spacing folds by the checkpoint's size keeps an append's cost flat at any size.
-HANDOFF_FIRST_POLL_S: Final = 0.0002
-HANDOFF_MAX_POLL_S: Final = 0.002
-#: A waiting append checks for its outcome (and the lock) first after 0.2 ms, backing off
-#: to every 2 ms: a holder's round takes about a millisecond.
+#: A journal is folded into a new checkpoint once it holds this many records (or blobs)
+#: or bytes, or (whichever is larger) as many bytes as the checkpoint: folding costs
+#: O(loops), so spacing folds by the checkpoint's size keeps an append's cost flat at any
+#: size, and bounding the journal keeps replaying it cheap.
+HANDOFF_FIRST_POLL_S: Final = 0.0005
+HANDOFF_MAX_POLL_S: Final = 0.004
+#: A waiting append checks for its outcome (and the lock) first after 0.5 ms, backing off
+#: to every 4 ms: a holder's round takes about a millisecond, and waking often costs CPU
+#: the other writers need.
+HANDOFF_BELL_TIMEOUT_S: Final = 0.05
+#: A waiter with a doorbell (Linux) sleeps until rung, checking on its own at least this
+#: often in case the holder died without ringing.
+HOLDER_EXTRA_ROUNDS: Final = 3
+#: A holder serves the appends that arrived during its round, up to this many more
+#: rounds, before it lets the lock go (waiters need not wake to take it).
 HANDOFF_BATCH_BYTES: Final = 8 << 20
 #: A holder claims waiting appends up to about this many bytes per record.
 CONFLICT_FIRST_BACKOFF_S: Final = 0.002
@@ -157,7 +165,13 @@ def _dump_loop(loop: LoopRecord) -> _Dumped:
 
 
 def _later(a: str | None, b: str | None) -> bool:
-    """True if timestamp text `b` is strictly later than `a` (nanosecond exact)."""
+    """True if timestamp text `b` is strictly later than `a` (nanosecond exact).
+
+    Two UTC stamps of one shape (phi-core writes them so) compare as text; any other
+    pair is parsed.
+    """
+    if a and b and len(a) == len(b) and a[-1] == b[-1] == "Z":
+        return b > a
     na, nb = ondisk.timestamp_ns(a), ondisk.timestamp_ns(b)
     return na is not None and nb is not None and nb > na
 
@@ -209,6 +223,40 @@ def decode_loops(raws: Sequence[bytes]) -> list[LoopRecord]:
             except pydantic.ValidationError:
                 out.append(validate(raw))
     return out
+
+
+def _claim(
+    q: HandoffQueue | None, r: StateRead | None, claimed: list[Item], done: list[str]
+) -> None:
+    """Take the appends waiting in the hand-off queue (oldest first), and settle the
+    claims a dead holder left: committed ones are done, the others go back."""
+    if q is None:
+        return
+    known = r.state.commit_ids if r is not None else frozenset()
+    orphans, fresh = q.claim(HANDOFF_BATCH_BYTES)
+    requeued = False
+    for data in orphans:
+        orphan = Item.decode(data)
+        if orphan is None:
+            continue
+        if orphan.token in known:
+            done.append(orphan.token)
+        else:
+            q.requeue(orphan.token)
+            requeued = True
+    if requeued:
+        fresh = q.claim(HANDOFF_BATCH_BYTES)[1]
+    claimed.extend(it for it in map(Item.decode, fresh) if it is not None)
+
+
+def _post(q: HandoffQueue | None, token: str, error: bytes | None) -> None:
+    """Tell a waiter its outcome, and wake it. If posting fails, its claim stays behind
+    and the next holder resolves it (the commit ids say whether it was committed): the
+    holder's own call does not fail for it."""
+    if q is not None:
+        with contextlib.suppress(SessionError):
+            q.post(token, error)
+        q.ring(token)
 
 
 def _encode_error(err: SessionError) -> bytes:
@@ -544,8 +592,11 @@ class SessionStore:
     def _maybe_fold(self, session_id: str, r: StateRead) -> None:
         """Fold the journal once it is long enough (step 5; the caller holds the session)."""
         s = r.state
-        if s.records < FOLD_MIN_RECORDS and s.journal_bytes < max(
-            FOLD_MIN_BYTES, s.checkpoint_bytes
+        held = len(s.journal_blobs)
+        if (
+            s.records < FOLD_MIN_RECORDS
+            and held < FOLD_MIN_RECORDS
+            and s.journal_bytes < max(FOLD_MIN_BYTES, s.checkpoint_bytes)
         ):
             return
         with self._backend.session(session_id) as h, contextlib.suppress(CommitConflict):
@@ -611,10 +662,22 @@ class SessionStore:
                 owner, own = handed
         finally:
             faults.note_lock_wait(session_id, time.monotonic() - t0)
+        claimed = 0
         try:
-            self._serve(session_id, own)
+            claimed = self._serve(session_id, own)
+            # Appends that arrived during our round are served now, while we hold the
+            # lock, instead of waiting for one of their writers to wake and take it.
+            for _round in range(HOLDER_EXTRA_ROUNDS):
+                if not claimed:
+                    break
+                claimed = self._serve(session_id, None)
         finally:
             locks.release(session_id, owner)
+            if claimed and self._backend.handoff:
+                # More arrived than our rounds served: wake one of them to take the lock.
+                with self._backend.queue(session_id, create=False) as q:
+                    if q is not None:
+                        q.ring_oldest()
         if own is None:
             self._await_outcome(session_id, item)
 
@@ -628,33 +691,44 @@ class SessionStore:
         dead holder left; serving the queue resolves it). At the deadline an unclaimed
         item is withdrawn and SessionLocked raised: the unlink decides atomically.
         """
-        b = self._backend
-        locks = b.locks
-        b.deposit(session_id, item.token, item.encode())
-        delay = HANDOFF_FIRST_POLL_S
-        while True:
-            outcome = b.take_outcome(session_id, item.token)
-            if outcome is not None:
-                self._raise_outcome(session_id, outcome)
-                return None
-            owner = locks.try_acquire(session_id)
-            if owner is not None:
-                if b.withdraw(session_id, item.token):
-                    return owner, item
-                outcome = b.take_outcome(session_id, item.token)
+        locks = self._backend.locks
+        with (
+            self._backend.queue(session_id, create=True) as q,
+            q.doorbell(item.token) if q is not None else contextlib.nullcontext() as bell,
+        ):
+            assert q is not None
+            q.deposit(item.token, item.encode())
+            delay = HANDOFF_FIRST_POLL_S
+            while True:
+                outcome = q.outcome(item.token)
                 if outcome is not None:
-                    locks.release(session_id, owner)
                     self._raise_outcome(session_id, outcome)
                     return None
-                return owner, None
-            if time.monotonic() >= deadline and b.withdraw(session_id, item.token):
-                raise locks.locked_error(session_id, "held by another writer")
-            time.sleep(delay)
-            delay = min(delay * 2, HANDOFF_MAX_POLL_S)
+                owner = locks.try_acquire(session_id)
+                if owner is not None:
+                    if q.withdraw(item.token):
+                        return owner, item
+                    outcome = q.outcome(item.token)
+                    if outcome is not None:
+                        locks.release(session_id, owner)
+                        self._raise_outcome(session_id, outcome)
+                        return None
+                    return owner, None
+                now = time.monotonic()
+                if now >= deadline and q.withdraw(item.token):
+                    raise locks.locked_error(session_id, "held by another writer")
+                if bell is not None:
+                    # Rung when our outcome is posted or the lock comes free; the timeout
+                    # only covers a holder that died before ringing.
+                    bell.wait(min(HANDOFF_BELL_TIMEOUT_S, max(deadline - now, 0.0) + 0.001))
+                else:
+                    time.sleep(delay)
+                    delay = min(delay * 2, HANDOFF_MAX_POLL_S)
 
     def _await_outcome(self, session_id: str, item: Item) -> None:
         """After serving the queue as holder: our orphaned claim's outcome, or commit it."""
-        outcome = self._backend.take_outcome(session_id, item.token)
+        with self._backend.queue(session_id, create=False) as q:
+            outcome = q.outcome(item.token) if q is not None else None
         if outcome is not None:
             self._raise_outcome(session_id, outcome)
             return
@@ -667,81 +741,56 @@ class SessionStore:
         if outcome:
             raise _decode_error(session_id, outcome)
 
-    def _serve(self, session_id: str, own: Item | None) -> None:
+    def _serve(self, session_id: str, own: Item | None) -> int:
         """The holder's round: resolve dead holders' claims, claim waiting appends,
-        commit them with our own as one record, post every outcome, maybe fold."""
+        commit them with our own as one record, post every outcome, maybe fold.
+        Returns how many waiting appends it claimed."""
         b = self._backend
         claimed: list[Item] = []
         done: list[str] = []
         refused: dict[str, SessionError] = {}
+        with contextlib.ExitStack() as stack:
+            q = stack.enter_context(b.queue(session_id, create=False)) if b.handoff else None
 
-        def attempt(h: SessionHandle | None, r: StateRead | None) -> StateRead | None:
-            if b.handoff and not claimed and not done:
-                self._claim(session_id, r, claimed, done)
-            refused.clear()
-            items = ([own] if own is not None else []) + claimed
-            if r is None:
-                # The first item whose session= header names this session creates it; a
-                # header for another session before it is refused (later ones are ignored).
-                for it in items:
-                    named = (it.new_header or {}).get("session_id")
-                    if named == session_id:
-                        break
-                    refused[it.token] = InvalidSessionId(
-                        session_id, f"session= describes session {named!r}"
-                    )
-                items = [it for it in items if it.token not in refused]
-            if items:
-                return self._commit_items(session_id, h, r, items)
-            self._settle(h, r)
-            return r
+            def attempt(h: SessionHandle | None, r: StateRead | None) -> StateRead | None:
+                if not claimed and not done:
+                    _claim(q, r, claimed, done)
+                refused.clear()
+                items = ([own] if own is not None else []) + claimed
+                if r is None:
+                    # The first item whose session= header names this session creates it;
+                    # a header for another session before it is refused (later ignored).
+                    for it in items:
+                        named = (it.new_header or {}).get("session_id")
+                        if named == session_id:
+                            break
+                        refused[it.token] = InvalidSessionId(
+                            session_id, f"session= describes session {named!r}"
+                        )
+                    items = [it for it in items if it.token not in refused]
+                if items:
+                    return self._commit_items(session_id, h, r, items)
+                self._settle(h, r)
+                return r
 
-        try:
-            r = self._retry(session_id, attempt)
-        except SessionError as exc:
-            for it in claimed:
-                self._post(session_id, it.token, _encode_error(refused.get(it.token, exc)))
+            try:
+                r = self._retry(session_id, attempt)
+            except SessionError as exc:
+                for it in claimed:
+                    _post(q, it.token, _encode_error(refused.get(it.token, exc)))
+                for token in done:
+                    _post(q, token, None)
+                raise
             for token in done:
-                self._post(session_id, token, b"")
-            raise
-        for token in done:
-            self._post(session_id, token, b"")
-        for it in claimed:
-            err = refused.get(it.token)
-            self._post(session_id, it.token, _encode_error(err) if err else b"")
+                _post(q, token, None)
+            for it in claimed:
+                err = refused.get(it.token)
+                _post(q, it.token, _encode_error(err) if err else None)
         if own is not None and own.token in refused:
             raise refused[own.token]
         if r is not None:
             self._maybe_fold(session_id, r)
-
-    def _claim(
-        self, session_id: str, r: StateRead | None, claimed: list[Item], done: list[str]
-    ) -> None:
-        """Take the appends waiting in the hand-off queue (oldest first), and settle the
-        claims a dead holder left: committed ones are done, the others go back."""
-        b = self._backend
-        known = r.state.commit_ids if r is not None else frozenset()
-        orphans, fresh = b.claim(session_id, HANDOFF_BATCH_BYTES)
-        requeued = False
-        for data in orphans:
-            orphan = Item.decode(data)
-            if orphan is None:
-                continue
-            if orphan.token in known:
-                done.append(orphan.token)
-            else:
-                b.requeue(session_id, orphan.token)
-                requeued = True
-        if requeued:
-            fresh = b.claim(session_id, HANDOFF_BATCH_BYTES)[1]
-        claimed.extend(it for it in map(Item.decode, fresh) if it is not None)
-
-    def _post(self, session_id: str, token: str, outcome: bytes) -> None:
-        """Tell a waiter its outcome. If that fails, its claim stays behind and the next
-        holder resolves it (the commit ids say whether it was committed): the holder's
-        own call does not fail for it."""
-        with contextlib.suppress(SessionError):
-            self._backend.post_outcome(session_id, token, outcome)
+        return len(claimed)
 
     def _retry(
         self,
@@ -774,13 +823,11 @@ class SessionStore:
         change = Change(base)
         for it in items:
             change.ids.append(it.token)
-            is_new = change.state.position(it.entry.loop_id) is None
-            if (
-                change.put(it.entry, it.blob)
-                and is_new
-                and _later(change.state.last_active_at, it.entry.started_at)
-            ):
-                change.set_fields({"last_active_at": it.entry.started_at})
+            is_new = not change.has_loop(it.entry.loop_id)
+            if change.put(it.entry, it.blob) and is_new:
+                active = change.header_value("last_active_at")
+                if _later(active if isinstance(active, str) else None, it.entry.started_at):
+                    change.set_fields({"last_active_at": it.entry.started_at})
         if change.empty and r is not None:
             self._settle(h, r)
             return r
