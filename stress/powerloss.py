@@ -359,12 +359,17 @@ def parse_strace(lines: Iterable[str]) -> Iterator[TraceLine]:
             pending[tid] = (name, args)
             if name in ("clone", "clone3", "fork", "vfork"):
                 yield Syscall(tid, name, split_args(args), None, None, lineno, entry_only=True)
+            elif name == "close":
+                # The descriptor leaves the table when close starts: another thread's
+                # open can get the same number before this close returns.
+                yield Syscall(tid, name, split_args(args.rstrip()), 0, None, lineno)
             continue
         r = _RESUMED_RE.match(rest)
         if r is not None:
             name = r.group(1)
             first = pending.pop(tid, (name, ""))
-            yield _split_call(name, first[1] + r.group(2), tid, lineno)
+            if name != "close":  # taken effect at its start (above)
+                yield _split_call(name, first[1] + r.group(2), tid, lineno)
             continue
         name, sep, body = rest.partition("(")
         if not sep or not name.replace("_", "").isalnum():
