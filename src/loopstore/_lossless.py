@@ -234,13 +234,22 @@ class LosslessModel(BaseModel):
     def model_dump(self, **kwargs: Any) -> dict[str, Any]:
         """Dump as phi-core would write it (``exclude_unset`` defaults to True)."""
         kwargs.setdefault("exclude_unset", True)
+        self._materialize()
         with gc_paused():
             return super().model_dump(**kwargs)
 
     def model_dump_json(self, **kwargs: Any) -> str:
         """JSON as phi-core would write it (``exclude_unset`` defaults to True)."""
         kwargs.setdefault("exclude_unset", True)
+        self._materialize()
         return super().model_dump_json(**kwargs)
+
+    def _materialize(self) -> None:
+        """Fetch what a lazily loaded field still holds back (the serializer reads the
+        list's storage directly, not through its methods): see loopstore.lazy."""
+        for value in self.__dict__.values():
+            if isinstance(value, list) and hasattr(value, "materialize"):
+                value.materialize()
 
     @property
     def unknown_fields(self) -> dict[str, Any]:

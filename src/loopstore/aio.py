@@ -51,8 +51,8 @@ class AsyncSessionStore(Generic[S]):
     async def save(self, session: Session) -> None:
         await asyncio.to_thread(self.sync.save, session)
 
-    async def load(self, session_id: str) -> Session:
-        return await asyncio.to_thread(self.sync.load, session_id)
+    async def load(self, session_id: str, *, lazy: bool = False) -> Session:
+        return await asyncio.to_thread(lambda: self.sync.load(session_id, lazy=lazy))
 
     async def exists(self, session_id: str) -> bool:
         return await asyncio.to_thread(self.sync.exists, session_id)
@@ -60,8 +60,8 @@ class AsyncSessionStore(Generic[S]):
     async def list_ids(self) -> list[str]:
         return await asyncio.to_thread(self.sync.list_ids)
 
-    async def list_for_agent(self, agent_id: str) -> list[Session]:
-        return await asyncio.to_thread(self.sync.list_for_agent, agent_id)
+    async def list_for_agent(self, agent_id: str, *, lazy: bool = False) -> list[Session]:
+        return await asyncio.to_thread(lambda: self.sync.list_for_agent(agent_id, lazy=lazy))
 
     async def delete(self, session_id: str) -> None:
         await asyncio.to_thread(self.sync.delete, session_id)

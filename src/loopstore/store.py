@@ -31,7 +31,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path, PurePath
@@ -52,6 +52,7 @@ from loopstore.errors import (
 )
 from loopstore.fsbackend import FileSystemBackend
 from loopstore.journal import Change, Item, SessionState
+from loopstore.lazy import LazyLoops
 from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
 from loopstore.models import LoopRecord, Session
 from loopstore.reports import (
@@ -1008,11 +1009,70 @@ class SessionStore:
     def exists(self, session_id: str) -> bool:
         return self._backend.has_manifest(ondisk.validate_session_id(session_id))
 
-    def load(self, session_id: str) -> Session:
-        """The whole session; SessionNotFound if absent, CorruptSession if damaged."""
+    def load(self, session_id: str, *, lazy: bool = False) -> Session:
+        """The whole session; SessionNotFound if absent, CorruptSession if damaged.
+
+        `lazy`: read the session's index now and each loop when first touched
+        (`loopstore.lazy`): a program that reads the header and a loop or two pays for
+        those only. An eager load reads and checks every blob before it returns.
+        """
         session_id = ondisk.validate_session_id(session_id)
-        r, raws = self._snapshot(session_id, lambda s: s.entries)
-        return self._session_from(r.state, raws)
+        if not lazy:
+            r, raws = self._snapshot(session_id, lambda s: s.entries)
+            return self._session_from(r.state, raws)
+        with self._backend.session(session_id) as h:
+            got = self._read_durable(h) if h is not None else None
+            if h is None or got is None:
+                raise SessionNotFound(session_id, path=self._path(session_id))
+            state = got.state
+            # Blobs still in the journal are taken now (a fold removes the journal):
+            # compressed, a few MiB at most. Blob files stay until gc's grace period.
+            held = {
+                e.blob: h.payload(state.checkpoint_generation, state.journal_blobs[e.blob])
+                for e in state.entries
+                if e.blob in state.journal_blobs
+            }
+        session = self._session_from(state, ())
+        session.loops = LazyLoops(state.loop_count, self._fetcher(state, held))
+        return session
+
+    def _fetcher(
+        self, state: SessionState, held: Mapping[str, bytes]
+    ) -> Callable[[int], LoopRecord]:
+        """Fetch loop `i` of `state` (a lazy load's snapshot; `held`: its journal blobs)."""
+        sid = state.session_id
+        entries = state.entries
+
+        def fetch(i: int) -> LoopRecord:
+            e = entries[i]
+            data = held.get(e.blob)
+            if data is None:
+                with self._backend.session(sid) as h:
+                    try:
+                        data = h.blob(e.blob) if h is not None else None
+                    except FileNotFoundError:
+                        data = None
+            if data is None:
+                where = f"{ondisk.LOOPS_DIR}/{ondisk.blob_filename(e.blob)}"
+                raise CorruptSession(
+                    sid,
+                    f"the blob of loop {e.loop_id!r} is gone (replaced and collected since)",
+                    path=self._path(sid, where),
+                )
+            try:
+                raw = ondisk.decode_blob(
+                    data, e.blob, session_id=sid, path=None, expected_raw_size=e.raw_size
+                )
+                return decode_loops([raw])[0]
+            except ondisk.DamagedBlob as exc:
+                raise ondisk.DamagedBlob(
+                    sid, exc.cause, path=self._path(sid), kind=exc.kind
+                ) from None
+            except pydantic.ValidationError as exc:
+                cause = f"undecodable loop: {first_error(exc)}"
+                raise CorruptSession(sid, cause, path=self._path(sid)) from None
+
+        return fetch
 
     def load_json(self, session_id: str) -> bytes:
         """The session as phi-core's file (pretty JSON, byte for byte), with no model
@@ -1191,10 +1251,12 @@ class SessionStore:
         damaged = [sid for sid, _cause in self.damaged_sessions()]
         return [s.session_id for s in self.sessions()] + damaged
 
-    def list_for_agent(self, agent_id: str) -> list[Session]:
+    def list_for_agent(self, agent_id: str, *, lazy: bool = False) -> list[Session]:
         """Sessions of `agent_id`, most recent first; other agents' loops are never read.
 
         A session that cannot be read fails the listing if it may be this agent's.
+        `lazy` loads each session as `load(..., lazy=True)` does: headers at once, loops
+        when touched.
         """
         for sid, cause in self.damaged_sessions():
             if self._salvage_agent(sid) in (agent_id, None):
@@ -1202,7 +1264,7 @@ class SessionStore:
         out: list[Session] = []
         for row in self.sessions(agent_id=agent_id):
             try:
-                out.append(self.load(row.session_id))
+                out.append(self.load(row.session_id, lazy=lazy))
             except SessionNotFound:
                 continue
         return out
