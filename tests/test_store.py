@@ -392,6 +392,13 @@ def test_async_store(tmp_path: Path) -> None:
         assert len((await astore.load("as")).loops) == 9
         assert await astore.list_ids() == ["as"]
         assert len(await astore.list_for_agent("agent-test")) == 1
+        assert (await astore.sessions())[0].loop_count == 9
+        assert await astore.load_json("as") == astore.sync.load_json("as")
+        loops = [json async for json in astore.iter_loop_json("as")]
+        assert loops == list(astore.sync.iter_loop_json("as")) and len(loops) == 9
+        assert await astore.checkpoint("as") and not await astore.checkpoint("as")
+        assert (await astore.session_state("as")).records == 0
+        assert (await astore.load("as", lazy=True)).loops[3].loop_id == "as.test.4"
         assert (await astore.verify()).ok
         await astore.gc()
         copy = await astore.backup(tmp_path / "backup")

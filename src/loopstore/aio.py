@@ -15,9 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from loopstore import locking, ondisk
+from loopstore.catalog import Summary
+from loopstore.journal import SessionState
 from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
 from loopstore.models import LoopRecord, Session
-from loopstore.reports import GcReport, ImportReport, SessionInfo, StoreStats, VerifyReport
+from loopstore.reports import (
+    GcReport,
+    ImportReport,
+    MigrateReport,
+    SessionInfo,
+    StoreStats,
+    VerifyReport,
+)
 from loopstore.store import GC_GRACE_S, FileSystemSessionStore, ProgressFn, SessionStore
 
 if TYPE_CHECKING:
@@ -76,6 +85,46 @@ class AsyncSessionStore(Generic[S]):
 
     async def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
         return await asyncio.to_thread(self.sync.load_loop, session_id, loop_id)
+
+    async def load_json(self, session_id: str) -> bytes:
+        return await asyncio.to_thread(self.sync.load_json, session_id)
+
+    async def load_loop_json(self, session_id: str, loop_id: str) -> bytes:
+        return await asyncio.to_thread(self.sync.load_loop_json, session_id, loop_id)
+
+    async def iter_loop_json(self, session_id: str) -> AsyncIterator[bytes]:
+        """Each loop's JSON, one blob read (in a worker thread) at a time."""
+        it = await asyncio.to_thread(self.sync.iter_loop_json, session_id)
+        done = object()
+        while (item := await asyncio.to_thread(next, it, done)) is not done:
+            yield item  # type: ignore[misc]
+
+    async def session_state(self, session_id: str) -> SessionState:
+        return await asyncio.to_thread(self.sync.session_state, session_id)
+
+    async def sessions(
+        self,
+        *,
+        agent_id: str | None = None,
+        order: str = "active",
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> list[Summary]:
+        return await asyncio.to_thread(
+            lambda: self.sync.sessions(agent_id=agent_id, order=order, limit=limit, reverse=reverse)
+        )
+
+    async def damaged_sessions(self) -> list[tuple[str, str]]:
+        return await asyncio.to_thread(self.sync.damaged_sessions)
+
+    async def checkpoint(self, session_id: str) -> bool:
+        return await asyncio.to_thread(self.sync.checkpoint, session_id)
+
+    async def reindex(self, *, progress: ProgressFn | None = None) -> int:
+        return await asyncio.to_thread(lambda: self.sync.reindex(progress=progress))
+
+    async def migrate(self, *, progress: ProgressFn | None = None) -> MigrateReport:
+        return await asyncio.to_thread(lambda: self.sync.migrate(progress=progress))
 
     async def verify(
         self,
