@@ -128,7 +128,11 @@ class Backend(Protocol):
     durable: bool
     locks: LockManager
     format_version: int
-    catalog: Catalog | None
+
+    @property
+    def catalog(self) -> Catalog | None:
+        """The listing catalog, None where listings read every session."""
+        ...
 
     @property
     def handoff(self) -> bool:

@@ -19,7 +19,9 @@ file create, no lock shared between sessions and no fsync:
 * a power loss can lose marks and index rows (SQLite runs with synchronous=OFF), but
   it reboots the machine: the catalog records its boot and is rebuilt after any other.
 
-Only listers write the SQLite file, so writers never wait on its lock.
+Only listers write the SQLite file, one at a time (`catalog.lock`), so writers never
+wait on it. A lister writes a row only for a session whose lock it holds (no commit in
+flight); one whose lock is busy it reads for its own answer and leaves marked.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from loopstore import atomic, ondisk
+from loopstore import atomic, locking, ondisk
 from loopstore.errors import storage_error
 from loopstore.journal import SessionState
 
@@ -45,6 +47,10 @@ BUSY_TIMEOUT_S: Final = 10.0
 #: How long an update waits for SQLite's write lock (held microseconds at a time).
 PENDING_DIR: Final = "catalog.pending"
 #: Marks of sessions whose commit may not be in the catalog yet (next to catalog.sqlite).
+LOCK_NAME: Final = "catalog.lock"
+LOCK_TIMEOUT_S: Final = 300.0
+#: Listers take the catalog one at a time (writers never do); a rebuild of 100,000
+#: sessions takes seconds, so the wait is generous.
 
 ProgressFn = Callable[[int, int], None]
 
@@ -176,6 +182,8 @@ class Catalog:
     def __init__(self, root: Path, root_fd: int) -> None:
         self.path = root / ondisk.CATALOG_NAME
         self.pending_path = root / PENDING_DIR
+        lock_path = root / LOCK_NAME
+        self._lock = locking.LockManager(lock_path, lambda _name: lock_path, timeout=LOCK_TIMEOUT_S)
         self._root_fd = root_fd
         self._pending_fd = -1
         self._local = threading.local()
@@ -222,6 +230,12 @@ class Catalog:
             with contextlib.suppress(OSError):
                 os.close(self._pending_fd)
             self._pending_fd = -1
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The catalog to ourselves (listers and rebuilds; writers never take it)."""
+        with self._lock.hold("catalog"):
+            yield
 
     # -- the writer's side ---------------------------------------------------------------
 

@@ -670,7 +670,7 @@ class FileSystemBackend:
         except BaseException:
             self.close()
             raise
-        self.catalog: Catalog | None = Catalog(self.layout.root, self.root_fd)
+        self._catalog = Catalog(self.layout.root, self.root_fd)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -785,8 +785,16 @@ class FileSystemBackend:
             raise storage_error(None, "write store marker", path, exc) from exc
         self._sync_dir(self.root_fd, "store-dir", self.layout.root)
 
+    @property
+    def catalog(self) -> Catalog:
+        """The listing catalog (re-opened with the store's directories if they were
+        removed and re-created)."""
+        if self._stale():
+            self._reopen()
+        return self._catalog
+
     def close(self) -> None:
-        catalog = getattr(self, "catalog", None)
+        catalog = getattr(self, "_catalog", None)
         if catalog is not None:
             catalog.close()
         for attr in ("tmp_fd", "locks_fd", "sessions_fd", "root_fd"):
@@ -822,15 +830,13 @@ class FileSystemBackend:
             lock_timeout=self.locks.timeout,
             lock_poll_interval=self.locks.poll_interval,
         )
+        fresh._catalog.close()
         for attr in ("root_fd", "sessions_fd", "locks_fd", "tmp_fd"):
             self._retired.append(getattr(self, attr))
             setattr(self, attr, getattr(fresh, attr))
             setattr(fresh, attr, -1)
-        if fresh.catalog is not None:
-            fresh.catalog.close()
-        if self.catalog is not None:
-            self.catalog.close()
-        self.catalog = Catalog(self.layout.root, self.root_fd)
+        self._catalog.close()
+        self._catalog = Catalog(self.layout.root, self.root_fd)
 
     # -- staging ---------------------------------------------------------------------
 

@@ -102,6 +102,8 @@ HANDOFF_STALE_S: Final = 3600.0
 
 ProgressFn = Callable[[int, int], None]
 T = TypeVar("T")
+Overlay = dict[str, "Summary | SessionError | None"]
+"""Sessions a listing read itself (their lock was busy), by id: summary, error or gone."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -1157,21 +1159,6 @@ class SessionStore:
             return exc
         return Summary.of(state)
 
-    def _refresh(self, catalog: Catalog, session_id: str) -> None:
-        """Bring a marked session's row up to date; unmark it only under its lock."""
-        locks = self._backend.locks
-        try:
-            owner = locks.try_acquire(session_id)
-        except SessionError:
-            owner = None
-        try:
-            catalog.put(self._summary(session_id), session_id)
-            if owner is not None:
-                catalog.unmark(session_id)
-        finally:
-            if owner is not None:
-                locks.release(session_id, owner)
-
     def reindex(self, *, progress: ProgressFn | None = None) -> int:
         """Rebuild the listing catalog from the sessions; returns how many it lists.
 
@@ -1179,32 +1166,60 @@ class SessionStore:
         earlier boot; `loopstore reindex` runs it on demand.
         """
         catalog = self._backend.catalog
-        ids = sorted(self._backend.list_sessions())
         if catalog is None:
-            return len(ids)
-        catalog.rebuild(lambda: ((sid, self._summary(sid)) for sid in ids), len(ids), progress)
-        for sid in catalog.marked():
-            self._refresh(catalog, sid)
+            return len(self._backend.list_sessions())
+        with catalog.exclusive():
+            self._rebuild(catalog, progress)
+            self._refresh(catalog)
         return len(catalog.ids())
 
-    def _catalog(self, progress: ProgressFn | None = None) -> Catalog | None:
-        """The catalog, current: rebuilt if unusable, marked sessions refreshed."""
+    def _rebuild(self, catalog: Catalog, progress: ProgressFn | None) -> None:
+        ids = sorted(self._backend.list_sessions())
+        catalog.rebuild(lambda: ((sid, self._summary(sid)) for sid in ids), len(ids), progress)
+
+    def _refresh(self, catalog: Catalog) -> Overlay:
+        """Bring every marked session up to date (the caller holds the catalog).
+
+        A session whose lock we can take has no commit in flight: its row is written
+        and its mark removed. One whose lock is busy is read as any reader reads it, for
+        this answer only (`Overlay`): never written, so no listing can put an older
+        state over a newer one.
+        """
+        locks = self._backend.locks
+        overlay: Overlay = {}
+        for sid in catalog.marked():
+            try:
+                owner = locks.try_acquire(sid)
+            except SessionError:
+                owner = None
+            if owner is None:
+                overlay[sid] = self._summary(sid)
+                continue
+            try:
+                catalog.put(self._summary(sid), sid)
+                catalog.unmark(sid)
+            finally:
+                locks.release(sid, owner)
+        return overlay
+
+    def _catalog(self, progress: ProgressFn | None = None) -> tuple[Catalog, Overlay] | None:
+        """The catalog, current (rebuilt if unusable, marked sessions refreshed), and the
+        sessions read for this answer only (a commit in flight)."""
         catalog = self._backend.catalog
         if catalog is None:
             return None
-        for attempt in range(2):
-            try:
-                if not catalog.usable():
-                    self.reindex(progress=progress)
-                for sid in catalog.marked():
-                    self._refresh(catalog, sid)
-                return catalog
-            except CatalogUnusable:
-                if attempt:
-                    raise
-                catalog.close()
-                self.reindex(progress=progress)
-        return catalog
+        with catalog.exclusive():
+            for attempt in range(2):
+                try:
+                    if not catalog.usable():
+                        self._rebuild(catalog, progress)
+                    return catalog, self._refresh(catalog)
+                except CatalogUnusable:
+                    if attempt:
+                        raise
+                    catalog.close()
+                    self._rebuild(catalog, progress)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def sessions(
         self,
@@ -1217,23 +1232,33 @@ class SessionStore:
     ) -> list[Summary]:
         """Session summaries from the catalog (no session read), sorted by `order`
         (`catalog.ORDERS`: active, created, size, loops, id, agent)."""
-        catalog = self._catalog(progress)
-        if catalog is None:
+        current = self._catalog(progress)
+        if current is None:
             rows = [Summary.of(self.session_state(sid)) for sid in self._readable_ids()]
             return _sort_summaries(rows, agent_id, order, limit, reverse)
-        return catalog.rows(agent_id=agent_id, order=order, limit=limit, reverse=reverse)
+        catalog, overlay = current
+        more = None if limit is None else limit + len(overlay)
+        rows = catalog.rows(agent_id=agent_id, order=order, limit=more, reverse=reverse)
+        if not overlay:
+            return rows
+        rows = [r for r in rows if r.session_id not in overlay]
+        rows += [s for s in overlay.values() if isinstance(s, Summary)]
+        return _sort_summaries(rows, agent_id, order, limit, reverse)
 
     def damaged_sessions(self) -> list[tuple[str, str]]:
         """(session_id, cause) of sessions the listing could not read."""
-        catalog = self._catalog()
-        if catalog is None:
+        current = self._catalog()
+        if current is None:
             out: list[tuple[str, str]] = []
             for sid in sorted(self._backend.list_sessions()):
                 item = self._summary(sid)
                 if isinstance(item, SessionError):
                     out.append((sid, item.cause))
             return out
-        return catalog.damaged()
+        catalog, overlay = current
+        damaged = [(sid, cause) for sid, cause in catalog.damaged() if sid not in overlay]
+        damaged += [(sid, e.cause) for sid, e in overlay.items() if isinstance(e, SessionError)]
+        return sorted(damaged)
 
     def _readable_ids(self) -> list[str]:
         return [
