@@ -1,7 +1,13 @@
-"""Backups (issue 7): consistent snapshots of a live store, incremental, and why rsync -a isn't."""
+"""Backups (format v2): consistent, incremental copies of a live store into another store.
+
+What every test leans on: a dest session is never compared by generation (the dest's may
+differ) but by its *state key* (header + loop index, `_workers_backup.state_key`) and by
+what loading it gives; both must be those of a state the source session had.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing as mp
@@ -10,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -20,47 +27,82 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _workers_backup as workers
 from helpers import make_loop, make_session
-from loopstore import backup as backup_mod
-from loopstore import ondisk
-from loopstore.backup import backup, verify_backup
+from loopstore import cli, journal, ondisk
+from loopstore.backup import BackupReport, backup, verify_backup
 from loopstore.errors import CorruptSession, StorageError
-from loopstore.store import FileSystemSessionStore
+from loopstore.fsbackend import FsSession
+from loopstore.models import SessionScope
+from loopstore.store import FileSystemSessionStore, SessionStore
 
 CTX = mp.get_context("spawn")
 RSYNC = shutil.which("rsync")
+NO_RSYNC = "no rsync binary on PATH: the real `rsync -a` variant needs it (apt-get install rsync)"
+
+_store = workers.open_store
 
 
-def _store(root: Path) -> FileSystemSessionStore:
-    return FileSystemSessionStore(root, durable=False)
-
-
-def _populate(store: FileSystemSessionStore, sessions: int = 3, loops: int = 3) -> list[str]:
+def _populate(
+    store: SessionStore, sessions: int = 3, loops: int = 3, *, checkpoint: bool = True
+) -> list[str]:
+    """Sessions sess-0.. of `loops` loops; with `checkpoint` every blob is a file in loops/."""
     ids = [f"sess-{i}" for i in range(sessions)]
     for sid in ids:
         store.save(make_session(sid, loops))
+        if checkpoint:
+            store.checkpoint(sid)
     return ids
 
 
-def _blob_path(root: Path, sid: str, digest: str) -> Path:
-    return ondisk.Layout(root).blob(sid, digest)
+def _ids(store: SessionStore) -> list[str]:
+    """Session ids from the directory (not the listing catalog: see the catalog test)."""
+    return sorted(sid for sid in store.backend.list_sessions() if store.exists(sid))
 
 
-def _digests(root: Path, sid: str) -> list[str]:
-    layout = ondisk.Layout(root)
-    path = layout.manifest(sid)
-    return [
-        e.blob for e in ondisk.decode_manifest(path.read_bytes(), session_id=sid, path=path).loops
-    ]
+def _assert_mirrors(src: SessionStore, dst: SessionStore) -> None:
+    """dst holds exactly src's sessions, each loading to the same bytes, and verifies clean."""
+    report = dst.verify()
+    assert report.ok, report.problems
+    assert _ids(dst) == _ids(src)
+    for sid in _ids(src):
+        assert workers.snapshot(dst, sid) == workers.snapshot(src, sid)
+        assert dst.load(sid) == src.load(sid)
 
 
-def _assert_same_sessions(src: FileSystemSessionStore, dest: Path) -> None:
-    with _store(dest) as copy:
-        assert copy.verify().ok
-        assert sorted(copy.list_ids()) == sorted(src.list_ids())
-        for sid in src.list_ids():
-            assert copy.load(sid) == src.load(sid)
-            same = ondisk.Layout(dest).manifest(sid).read_bytes()
-            assert same == src.layout.manifest(sid).read_bytes()
+def _blob_files(root: Path) -> dict[str, os.stat_result]:
+    """Every blob file under a store root: 'session/digest.zst' -> its stat."""
+    return {
+        f"{p.parent.parent.name}/{p.name}": p.stat()
+        for p in sorted((root / ondisk.SESSIONS_DIR).glob(f"*/{ondisk.LOOPS_DIR}/*.zst"))
+    }
+
+
+def _shared_inodes(a: Path, b: Path) -> set[str]:
+    """Blob files of store `b` that are the same inode as a blob file of store `a`."""
+    inodes = {(st.st_dev, st.st_ino) for st in _blob_files(a).values()}
+    return {name for name, st in _blob_files(b).items() if (st.st_dev, st.st_ino) in inodes}
+
+
+def _session_files(root: Path, sid: str) -> dict[str, tuple[int, int, bytes]]:
+    """Every file of a session directory: relative name -> (inode, mtime_ns, bytes)."""
+    base = root / ondisk.SESSIONS_DIR / sid
+    return {
+        p.relative_to(base).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(base.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    """Bit rot: one byte changed in place (same inode, same size)."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+def _stored_size(store: SessionStore, sid: str, digest: str) -> int:
+    return next(e.stored_size for e in store.session_state(sid).entries if e.blob == digest)
 
 
 # --------------------------------------------------------------------------- basics
@@ -68,56 +110,113 @@ def _assert_same_sessions(src: FileSystemSessionStore, dest: Path) -> None:
 
 def test_backup_is_a_valid_store_equal_to_the_source(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
-    ids = _populate(src)
+    ids = _populate(src, checkpoint=False)  # every blob still lives in a journal
+    dest = tmp_path / "bk"
     seen: list[tuple[int, int]] = []
-    report = backup(src, tmp_path / "bk", progress=lambda d, t: seen.append((d, t)))
-    assert report.ok and report.mode == "link"
-    assert report.sessions == report.sessions_updated == len(ids)
-    assert report.files_linked == 9 and report.files_copied == 0 and report.files_skipped == 0
-    assert report.manifests_written == 3
+    report = src.backup(dest, progress=lambda d, t: seen.append((d, t)))  # a path: made a store
+    assert isinstance(report, BackupReport) and report.ok and report.failed == []
+    assert report.mode == "link" and report.source == str(src.root) and report.dest == str(dest)
+    assert report.sessions == report.sessions_updated == 3 and report.sessions_unchanged == 0
+    # journal-held blobs cannot be linked: they are copied out of the journal
+    assert (report.files_copied, report.files_linked, report.files_skipped) == (9, 0, 0)
+    assert report.blobs_verified == 9 and report.bytes_copied > 0
     assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
-    assert (tmp_path / "bk" / ondisk.MARKER_NAME).is_file()
-    _assert_same_sessions(src, tmp_path / "bk")
-    check = verify_backup(src, tmp_path / "bk")
-    assert check.ok and check.in_sync and sorted(check.current) == ids
+    doc = report.as_dict()
+    assert doc["ok"] is True and doc["failed"] == [] and doc["sessions"] == 3
+    json.dumps(doc)  # JSON-ready
+
+    assert (dest / ondisk.MARKER_NAME).is_file()
+    for sid in ids:  # each session installed at rest: checkpoint, empty sealed journal, blobs
+        state = _store(dest).session_state(sid)
+        files = _session_files(dest, sid)
+        assert files[ondisk.journal_filename(state.checkpoint_generation)][2] == journal.MARK
+        assert state.records == 0 and state.journal_blobs == {}
+        assert {n for n in files if n.startswith(ondisk.LOOPS_DIR)} == {
+            f"{ondisk.LOOPS_DIR}/{ondisk.blob_filename(d)}" for d in state.blobs
+        }
+    with _store(dest) as copy:
+        _assert_mirrors(src, copy)
+        assert copy.verify().orphans == []
+    check = verify_backup(src, dest)
+    assert check.ok and check.in_sync and check.current == ids and check.sessions_checked == 3
+    assert check.as_dict()["in_sync"] is True
+
+    again = backup(src, dest)
+    assert again.ok and again.sessions == again.sessions_unchanged == 3
+    assert again.sessions_updated == again.sessions_removed == 0
+    assert again.files_copied == again.files_linked == again.bytes_copied == 0
+    assert again.files_skipped == 9 and again.bytes_skipped == report.bytes_copied
+
+    for sid in ids:  # once folded, the blobs are files: a fresh backup links every one
+        src.checkpoint(sid)
+    linked = backup(src, tmp_path / "bk2")
+    assert (linked.files_linked, linked.files_copied) == (9, 0)
+    assert linked.bytes_linked == report.bytes_copied
+    assert len(_shared_inodes(src.root, tmp_path / "bk2")) == 9
+    with _store(tmp_path / "bk2") as copy:
+        _assert_mirrors(src, copy)
 
 
-def test_second_backup_copies_only_new_blobs_and_changed_manifests(tmp_path: Path) -> None:
+def test_unchanged_backup_writes_nothing(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
-    _populate(src, sessions=4, loops=5)
-    backup(src, tmp_path / "bk")
+    ids = _populate(src, sessions=4, loops=5)
+    dest = tmp_path / "bk"
+    backup(src, dest)
+    before = {sid: _session_files(dest, sid) for sid in ids}
+    for _ in range(2):
+        again = backup(src, dest)
+        assert again.sessions_unchanged == 4 and again.sessions_updated == 0
+        assert again.files_linked == again.files_copied == 0 and again.files_skipped == 20
+    assert {sid: _session_files(dest, sid) for sid in ids} == before
 
-    again = backup(src, tmp_path / "bk")
-    assert again.sessions_unchanged == 4 and again.sessions_updated == 0
-    assert again.files_linked == again.files_copied == again.manifests_written == 0
-    assert again.files_skipped == 20
 
-    old = _digests(src.root, "sess-1")[2]
+def test_incremental_backup_rewrites_only_the_changed_session_and_moves_only_new_blobs(
+    tmp_path: Path,
+) -> None:
+    src = _store(tmp_path / "src")
+    ids = _populate(src, sessions=4, loops=5)
+    dest = tmp_path / "bk"
+    backup(src, dest)
+    before = {sid: _session_files(dest, sid) for sid in ids}
+
+    # one new loop in sess-0, folded: its blob is a file, so it is linked
     src.append_loop("sess-0", make_loop("sess-0", 5))
-    src.append_loop("sess-1", make_loop("sess-1", 2, text_bytes=999))  # replaced in place
-    third = backup(src, tmp_path / "bk")
-    assert third.sessions_updated == 2 and third.sessions_unchanged == 2
-    assert third.files_linked == 2 and third.manifests_written == 2
-    assert third.files_skipped == 20 - 1  # sess-1's replaced blob is no longer named
-    assert third.files_removed == 1  # ... and mirrored away from dest
-    assert not _blob_path(tmp_path / "bk", "sess-1", old).exists()
-    _assert_same_sessions(src, tmp_path / "bk")
+    src.checkpoint("sess-0")
+    new = src.session_state("sess-0").entries[-1].blob
+    first = backup(src, dest)
+    assert first.ok and first.sessions_updated == 1 and first.sessions_unchanged == 3
+    assert (first.files_linked, first.files_copied, first.files_skipped) == (1, 0, 20)
+    assert first.bytes_linked == _stored_size(src, "sess-0", new)
+    assert first.blobs_verified == 6  # the changed session's blobs, all hash-checked
+    after = {sid: _session_files(dest, sid) for sid in ids}
+    for sid in ids[1:]:
+        assert after[sid] == before[sid]  # not rewritten: same inodes, times and bytes
+    for name, (ino, _mtime, data) in before["sess-0"].items():
+        if name.startswith(ondisk.LOOPS_DIR):
+            assert after["sess-0"][name][0] == ino and after["sess-0"][name][2] == data
+    assert f"{ondisk.LOOPS_DIR}/{ondisk.blob_filename(new)}" in after["sess-0"]
+    assert "sess-0/" + ondisk.blob_filename(new) in _shared_inodes(src.root, dest)
 
+    # a new loop not yet folded lives in the journal: it is copied, not linked
+    src.append_loop("sess-1", make_loop("sess-1", 5))
+    second = backup(src, dest)
+    assert (second.sessions_updated, second.files_copied, second.files_linked) == (1, 1, 0)
 
-def test_hard_links_share_inodes_and_copy_mode_does_not(tmp_path: Path) -> None:
-    src = _store(tmp_path / "src")
-    _populate(src, sessions=1)
-    digest = _digests(src.root, "sess-0")[0]
-    backup(src, tmp_path / "linked")
-    copied = backup(src, tmp_path / "copied", link=False)
-    a = _blob_path(src.root, "sess-0", digest).stat()
-    assert _blob_path(tmp_path / "linked", "sess-0", digest).stat().st_ino == a.st_ino
-    assert _blob_path(tmp_path / "copied", "sess-0", digest).stat().st_ino != a.st_ino
-    assert copied.mode == "copy" and copied.files_copied == 3 and copied.files_linked == 0
-    assert copied.bytes_copied == sum(
-        _blob_path(src.root, "sess-0", d).stat().st_size for d in _digests(src.root, "sess-0")
-    )
-    _assert_same_sessions(src, tmp_path / "copied")
+    # a loop replaced in place: one new blob; dest's old one is left for dest's gc
+    old = src.session_state("sess-2").entries[2].blob
+    src.append_loop("sess-2", make_loop("sess-2", 2, text_bytes=4321))
+    src.checkpoint("sess-2")
+    third = backup(src, dest)
+    assert (third.sessions_updated, third.files_linked, third.files_copied) == (1, 1, 0)
+    with _store(dest) as copy:
+        _assert_mirrors(src, copy)
+        orphans = copy.verify().orphans
+        assert [(o.session_id, o.kind, Path(o.path).name) for o in orphans] == [
+            ("sess-2", "orphan_blob", ondisk.blob_filename(old))
+        ]
+        assert copy.gc(grace=0).blobs_removed == 1
+        assert copy.verify().orphans == []
+    assert verify_backup(src, dest).in_sync
 
 
 def test_other_filesystem_falls_back_to_copying(
@@ -126,232 +225,588 @@ def test_other_filesystem_falls_back_to_copying(
     src = _store(tmp_path / "src")
     _populate(src, sessions=2)
 
-    real_link = os.link
-
-    def cross_device(src_name: str, *args: Any, **kwargs: Any) -> None:
-        if ondisk.is_blob_name(str(src_name)):  # the store's own marker link still works
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_link(src_name, *args, **kwargs)
+    def cross_device(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(os, "link", cross_device)
     report = backup(src, tmp_path / "bk")
-    assert report.mode == "copy" and report.files_copied == 6 and report.files_linked == 0
-    _assert_same_sessions(src, tmp_path / "bk")
+    assert report.ok and report.files_copied == 6 and report.files_linked == 0
+    assert _shared_inodes(src.root, tmp_path / "bk") == set()
+    with _store(tmp_path / "bk") as copy:
+        _assert_mirrors(src, copy)
 
 
-# --------------------------------------------------------------------------- pruning
+# --------------------------------------------------------------------------- pruning, refusals
 
 
 def test_deleted_sessions_are_pruned_by_default_and_kept_on_request(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src)
-    backup(src, tmp_path / "mirror")
-    backup(src, tmp_path / "archive")
+    mirror, archive = tmp_path / "mirror", tmp_path / "archive"
+    backup(src, mirror)
+    backup(src, archive)
+    kept_before = _session_files(archive, "sess-1")
     src.delete("sess-1")
 
-    kept = backup(src, tmp_path / "archive", prune=False)
-    assert kept.sessions_removed == 0
-    with _store(tmp_path / "archive") as archive:
-        assert archive.exists("sess-1") and archive.verify().ok
-    check = verify_backup(src, tmp_path / "archive")
+    kept = backup(src, archive, prune=False)
+    assert kept.ok and kept.sessions_removed == 0 and kept.sessions_unchanged == 2
+    assert _session_files(archive, "sess-1") == kept_before
+    with _store(archive) as copy:
+        assert copy.verify().ok and copy.load("sess-1") == make_session("sess-1", 3)
+    check = verify_backup(src, archive)
     assert check.ok and check.extra == ["sess-1"] and not check.in_sync
 
-    pruned = backup(src, tmp_path / "mirror")
-    assert pruned.sessions_removed == 1 and pruned.files_removed == 3
-    _assert_same_sessions(src, tmp_path / "mirror")
-    assert verify_backup(src, tmp_path / "mirror").in_sync
+    pruned = backup(src, mirror)
+    assert pruned.ok and pruned.sessions_removed == 1 and pruned.sessions == 2
+    assert not (mirror / ondisk.SESSIONS_DIR / "sess-1").exists()
+    with _store(mirror) as copy:
+        _assert_mirrors(src, copy)
+    assert verify_backup(src, mirror).in_sync
 
 
-def test_pruning_never_touches_what_is_not_a_loopstore_session(tmp_path: Path) -> None:
+def test_pruning_leaves_what_is_not_a_session_alone(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
     dest = tmp_path / "bk"
     backup(src, dest)
-    layout = ondisk.Layout(dest)
-    foreign = layout.session_dir("notes")
+    foreign = dest / ondisk.SESSIONS_DIR / "notes"  # a directory without a manifest
     foreign.mkdir()
     (foreign / "todo.txt").write_text("mine")
-    (layout.root / "README.txt").write_text("mine too")
-    stray = layout.sessions_dir / "file-not-dir"
-    stray.write_text("x")
-    incomplete = layout.loops_dir("half-done")  # what an interrupted backup leaves
-    incomplete.mkdir(parents=True)
-    (incomplete / ondisk.blob_filename("0" * 32)).write_bytes(b"blob")
-
+    (dest / "README.txt").write_text("mine too")
     report = backup(src, dest)
-    assert report.left_alone == [foreign]
-    assert report.sessions_removed == 1  # the incomplete one
+    assert report.ok and report.sessions_removed == 0
     assert (foreign / "todo.txt").read_text() == "mine"
-    assert (layout.root / "README.txt").exists() and stray.exists()
-    assert not incomplete.exists()
+    assert (dest / "README.txt").read_text() == "mine too"
 
 
 def test_refuses_destinations_that_are_not_backups(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
-    busy = tmp_path / "home"
-    busy.mkdir()
-    (busy / "photo.jpg").write_bytes(b"\xff")
-    with pytest.raises(StorageError, match="not a loopstore store"):
-        backup(src, busy)
-    assert sorted(os.listdir(busy)) == ["photo.jpg"]
-    with pytest.raises(StorageError, match="overlaps"):
-        backup(src, src.root / "inside")
-    with pytest.raises(StorageError, match="overlaps"):
-        backup(src, src.root)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "photo.jpg").write_bytes(b"\xff")
+    with pytest.raises(StorageError, match="not a loopstore store; refusing"):
+        backup(src, home)
+    assert sorted(os.listdir(home)) == ["photo.jpg"]
+    for overlapping in (src.root, src.root / "inside", src.root / ondisk.SESSIONS_DIR, tmp_path):
+        with pytest.raises(StorageError, match="overlaps the source store"):
+            backup(src, overlapping)
+    assert not (src.root / "inside").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for under_file in (a_file, a_file / "sub"):
+        with pytest.raises(StorageError, match="is not a directory"):
+            backup(src, under_file)
+    assert a_file.read_text() == "x"
     with pytest.raises(StorageError, match="no store marker"):
-        verify_backup(src, busy)
-    being_created = tmp_path / "racing"  # a concurrent backup is creating this store
-    (being_created / ondisk.SESSIONS_DIR).mkdir(parents=True)
-    (being_created / (ondisk.MARKER_NAME + ".tmp.123.abc")).write_bytes(b"")
-    assert backup(src, being_created).ok
+        verify_backup(src, home)
+    skeleton = tmp_path / "racing"  # what a concurrent first backup has made so far
+    (skeleton / ondisk.SESSIONS_DIR).mkdir(parents=True)
+    (skeleton / ondisk.TMP_DIR).mkdir()
+    assert backup(src, skeleton).ok
+    assert verify_backup(src, skeleton).in_sync
 
 
-# --------------------------------------------------------------------------- races, damage
+# --------------------------------------------------------------------------- damaged sources
 
 
-def test_blob_vanishing_mid_backup_is_retried_on_the_newer_manifest(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A writer replaces a loop and gc removes its old blob while backup is copying it."""
-    src = _store(tmp_path / "src")
-    _populate(src, sessions=1)
-    old = _digests(src.root, "sess-0")[1]
-    inner = backup_mod._transfer_blob
-    fired = []
-
-    def racing(run: Any, sid: str, entry: ondisk.LoopEntry, *args: Any) -> bool:
-        if entry.blob == old and not fired:
-            fired.append(True)
-            src.append_loop("sess-0", make_loop("sess-0", 1, text_bytes=4321))
-            _blob_path(src.root, "sess-0", old).unlink()  # what gc does to an orphan
-        return inner(run, sid, entry, *args)
-
-    monkeypatch.setattr(backup_mod, "_transfer_blob", racing)
-    report = backup(src, tmp_path / "bk")
-    assert fired and report.ok and report.retries == 1
-    _assert_same_sessions(src, tmp_path / "bk")
-
-
-def test_source_missing_blob_fails_that_session_and_keeps_the_old_copy(tmp_path: Path) -> None:
+def _backed_up_then_damaged(tmp_path: Path, which: str) -> tuple[FileSystemSessionStore, Path, str]:
+    """A source with a good backup (copies: no inode shared), then a new loop in sess-0
+    and one byte flipped in a blob file of sess-0: the `new` loop's, or an `old` one's
+    (which the backup already holds). Returns src, dest and the damaged digest."""
     src = _store(tmp_path / "src")
     _populate(src, sessions=2)
-    backup(src, tmp_path / "bk")
-    before = ondisk.Layout(tmp_path / "bk").manifest("sess-0").read_bytes()
+    dest = tmp_path / "bk"
+    assert backup(src, dest, link=False).ok
     src.append_loop("sess-0", make_loop("sess-0", 3))
-    _blob_path(src.root, "sess-0", _digests(src.root, "sess-0")[3]).unlink()  # damage
+    src.checkpoint("sess-0")
+    entries = src.session_state("sess-0").entries
+    digest = entries[-1].blob if which == "new" else entries[1].blob
+    path = src.layout.blob("sess-0", digest)
+    _flip_byte(path, path.stat().st_size // 2)
+    with pytest.raises(CorruptSession):
+        _store(src.root).load("sess-0")
+    return src, dest, digest
 
-    report = backup(src, tmp_path / "bk")
+
+@pytest.mark.parametrize("link", [True, False], ids=["link", "copy"])
+@pytest.mark.parametrize("which", ["new", "old"])
+def test_a_damaged_source_blob_fails_its_session_and_dest_keeps_the_good_copy(
+    tmp_path: Path, which: str, link: bool
+) -> None:
+    src, dest, digest = _backed_up_then_damaged(tmp_path, which)
+    good = _store(dest).load_json("sess-0")
+    before = _session_files(dest, "sess-0")
+
+    report = backup(src, dest, link=link)
     assert not report.ok and [f.session_id for f in report.failed] == ["sess-0"]
-    assert "missing a blob" in report.failed[0].reason
-    assert ondisk.Layout(tmp_path / "bk").manifest("sess-0").read_bytes() == before
-    check = verify_backup(src, tmp_path / "bk")
+    reason = report.failed[0].reason
+    assert "damaged blob" in reason and ondisk.blob_filename(digest) in reason
+    assert report.sessions == 1 and report.sessions_unchanged == 1  # sess-1: the run goes on
+    assert report.files_linked == report.files_copied == 0
+    assert report.as_dict()["ok"] is False
+
+    assert _session_files(dest, "sess-0") == before  # nothing linked, copied or committed
+    dest_blob = _store(dest).layout.blob("sess-0", digest)
+    if which == "new":
+        assert not dest_blob.exists()
+    else:  # dest's own copy of it: still the good bytes, not the damaged inode
+        assert dest_blob.stat().st_ino != src.layout.blob("sess-0", digest).stat().st_ino
+    with _store(dest) as copy:
+        assert copy.verify().ok and copy.load_json("sess-0") == good
+    check = verify_backup(src, dest)
     assert check.ok and check.behind == ["sess-0"] and check.current == ["sess-1"]
 
 
-def test_verify_backup_reports_behind_missing_extra_and_diverged(tmp_path: Path) -> None:
+def test_cli_backup_of_a_damaged_source_exits_1_and_names_the_session(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, dest, digest = _backed_up_then_damaged(tmp_path, "new")
+    good = _store(dest).load_json("sess-0")
+    for extra in ([], ["--copy"]):
+        code = cli.main(["--root", str(src.root), "backup", str(dest), *extra])
+        out = capsys.readouterr().out
+        assert code == 1
+        assert "FAILED session 'sess-0'" in out and ondisk.blob_filename(digest) in out
+        assert "1 failed" in out
+    code = cli.main(["--root", str(src.root), "backup", str(dest), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1 and doc["ok"] is False
+    assert [f["session_id"] for f in doc["backup"]["failed"]] == ["sess-0"]
+    assert cli.main(["--root", str(dest), "verify"]) == 0
+    assert _store(dest).load_json("sess-0") == good
+
+
+@pytest.mark.parametrize("reader", ["fresh", "cached"])
+def test_damage_inside_a_journal_fails_the_session_not_the_run(tmp_path: Path, reader: str) -> None:
+    """A journal-held blob with a byte flipped: the record's checksum fails and a sync
+    mark follows it, so the journal is damaged (CorruptSession), not torn."""
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=2)
+    dest = tmp_path / "bk"
+    assert backup(src, dest).ok
+    good = _store(dest).load_json("sess-0")
+    src.append_loop("sess-0", make_loop("sess-0", 3))  # held by the journal, not folded
+    state = src.session_state("sess-0")
+    path = src.layout.journal("sess-0", state.checkpoint_generation)
+    frames, end = journal.scan(path.read_bytes())
+    record = [f for f in frames if f.kind == journal.KIND_RECORD][-1]
+    assert frames[-1].kind == journal.KIND_MARK and end == path.stat().st_size
+    _flip_byte(path, record.payload_at + len(record.payload) // 2)
+    # "cached": the writer's own store object (its parse of the journal is cached, so
+    # only the blob hash catches it); "fresh": another process reads the damaged frame
+    source = src if reader == "cached" else _store(src.root)
+    with pytest.raises(CorruptSession):
+        _store(src.root).load("sess-0")
+
+    report = backup(source, dest)
+    assert not report.ok and [f.session_id for f in report.failed] == ["sess-0"]
+    assert ("bad journal" if reader == "fresh" else "damaged blob") in report.failed[0].reason
+    assert report.sessions_unchanged == 1
+    with _store(dest) as copy:
+        assert copy.verify().ok and copy.load_json("sess-0") == good
+    check = verify_backup(source, dest)
+    assert check.dest_report.ok and check.current == ["sess-1"]
+    assert "sess-0" not in check.current + check.missing + check.extra
+    if reader == "cached":
+        assert check.behind == ["sess-0"] and check.ok
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: verify_backup files a dest session whose *source* cannot be read "
+    "(CorruptSession) under 'diverged' (not a state the source had) and so says not ok, "
+    "though the dest copy is a good, older state",
+)
+def test_verify_backup_does_not_blame_the_backup_for_a_damaged_source(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    dest = tmp_path / "bk"
+    assert backup(src, dest).ok
+    _flip_byte(src.layout.manifest("sess-0"), 40)
+    check = verify_backup(_store(src.root), dest)
+    assert check.dest_report.ok and check.diverged == [] and check.ok
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: an unchanged session is skipped before its blobs are hash-checked, "
+    "so bit rot in the source after a good backup goes unreported (report.ok, exit 0)",
+)
+@pytest.mark.parametrize("link", [True, False], ids=["link", "copy"])
+def test_bit_rot_in_an_unchanged_session_is_reported(tmp_path: Path, link: bool) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=2)
+    dest = tmp_path / "bk"
+    assert backup(src, dest, link=False).ok  # copies: dest's good version is its own
+    good = _store(dest).load_json("sess-0")
+    path = src.layout.blob("sess-0", src.session_state("sess-0").entries[1].blob)
+    _flip_byte(path, path.stat().st_size // 2)
+    report = backup(src, dest, link=link)
+    with _store(dest) as copy:  # what holds today too: dest keeps its good copy
+        assert copy.verify().ok and copy.load_json("sess-0") == good
+    assert [f.session_id for f in report.failed] == ["sess-0"]
+
+
+# --------------------------------------------------------------------------- copies and links
+
+
+def test_copy_mode_shares_no_inode_with_the_source(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=3, loops=4)
+    dest = tmp_path / "bk"
+    linked = backup(src, dest)
+    assert linked.files_linked == 12 and len(_shared_inodes(src.root, dest)) == 12
+
+    copied = backup(src, dest, link=False)
+    assert copied.ok and copied.mode == "copy"
+    assert copied.files_copied == 12 and copied.files_linked == 0
+    assert copied.bytes_copied == linked.bytes_linked
+    assert _shared_inodes(src.root, dest) == set()  # every shared inode replaced
+    assert set(_blob_files(dest)) == set(_blob_files(src.root))
+    with _store(dest) as copy:
+        _assert_mirrors(src, copy)
+
+    again = backup(src, dest, link=False)
+    assert again.sessions_unchanged == 3 and again.files_copied == 0
+    src.append_loop("sess-1", make_loop("sess-1", 4))
+    src.checkpoint("sess-1")
+    more = backup(src, dest, link=False)
+    assert (more.files_copied, more.files_linked) == (1, 0)
+    assert _shared_inodes(src.root, dest) == set()
+
+    fresh = backup(src, tmp_path / "fresh", link=False)
+    assert fresh.files_copied == 13 and _shared_inodes(src.root, tmp_path / "fresh") == set()
+    with _store(tmp_path / "fresh") as copy:
+        _assert_mirrors(src, copy)
+
+
+def test_a_linking_backup_shares_in_place_damage_and_a_copying_one_does_not(
+    tmp_path: Path,
+) -> None:
+    """Why `--copy` exists: a hard-linked blob is the source's inode, so bit rot in the
+    source file is the same rot in a linking backup (which, the session being unchanged,
+    does not notice either: see test_bit_rot_in_an_unchanged_session_is_reported)."""
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    backup(src, tmp_path / "linked")
+    backup(src, tmp_path / "copied", link=False)
+    path = src.layout.blob("sess-0", src.session_state("sess-0").entries[0].blob)
+    _flip_byte(path, path.stat().st_size // 2)
+    with _store(tmp_path / "linked") as linked:
+        assert [p.session_id for p in linked.verify().problems] == ["sess-0"]
+    with _store(tmp_path / "copied") as copied:
+        assert copied.verify().ok and copied.load("sess-0") == make_session("sess-0", 3)
+
+
+def test_a_dest_store_object_whose_sessions_diverged_or_broke_gets_the_source_state(
+    tmp_path: Path,
+) -> None:
+    """FS -> FS through the store interface (the code path every kind of store takes)."""
     src = _store(tmp_path / "src")
     _populate(src, sessions=4)
+    dst = _store(tmp_path / "bk")
+    backup(src, dst)
+    assert verify_backup(src, dst).in_sync
+    dst.append_loop("sess-0", make_loop("sess-0", 7))  # written to directly
+    shrunk = dst.load("sess-1")
+    dst.save(
+        shrunk.model_copy(update={"loops": shrunk.loops[:1], "scope": SessionScope.PERSISTENT})
+    )
+    manifest = dst.layout.manifest("sess-2")  # the dest's checkpoint damaged
+    _flip_byte(manifest, 40)
+    dst.save(make_session("only-in-dest", 2))
+    check = verify_backup(src, dst)
+    assert sorted(check.diverged) == ["sess-0", "sess-1"] and check.extra == ["only-in-dest"]
+    assert not check.ok and not check.dest_report.ok  # sess-2 is damaged
+
+    # a fresh dest object: this one's cached parse of sess-2 hides the damage (see the
+    # xfail test below)
+    report = backup(src, _store(dst.root), prune=False)
+    assert report.ok and report.sessions_updated == 3 and report.sessions_unchanged == 1
+    with _store(dst.root) as fresh:
+        assert fresh.load("only-in-dest") == make_session("only-in-dest", 2)
+        fresh.delete("only-in-dest")
+        _assert_mirrors(src, fresh)
+    assert verify_backup(src, dst).in_sync
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: backup reads dest sessions through the dest object's state cache "
+    "(keyed on the manifest's last 96 bytes), so a long-lived dest store object neither "
+    "sees nor replaces a dest checkpoint damaged after it was cached",
+)
+def test_a_long_lived_dest_object_replaces_a_damaged_dest_checkpoint(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    dst = _store(tmp_path / "bk")
+    backup(src, dst)
+    assert verify_backup(src, dst).in_sync  # dst has parsed (and cached) sess-0
+    _flip_byte(dst.layout.manifest("sess-0"), 40)
+    assert not dst.verify().ok
+    report = backup(src, dst)
+    assert report.sessions_updated == 1 and dst.verify().ok
+
+
+def test_verify_backup_reports_current_behind_missing_extra_and_diverged(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=5)
     dest = tmp_path / "bk"
     backup(src, dest)
-    src.append_loop("sess-0", make_loop("sess-0", 3))  # backup is now behind
+    src.append_loop("sess-0", make_loop("sess-0", 3))  # the backup is now behind
     src.save(make_session("sess-new"))  # missing from the backup
     src.delete("sess-1")  # extra in the backup
     with _store(dest) as copy:  # somebody wrote into the backup itself
         copy.append_loop("sess-2", make_loop("sess-2", 3))
     check = verify_backup(src, dest)
     assert check.dest_report.ok
-    assert check.behind == ["sess-0"] and check.missing == ["sess-new"]
-    assert check.extra == ["sess-1"] and check.diverged == ["sess-2"]
-    assert check.current == ["sess-3"] and not check.ok
+    assert check.current == ["sess-3", "sess-4"] and check.behind == ["sess-0"]
+    assert check.missing == ["sess-new"] and check.extra == ["sess-1"]
+    assert check.diverged == ["sess-2"] and not check.ok and not check.in_sync
+    doc = check.as_dict()
+    assert (doc["ok"], doc["diverged"], doc["problems"]) == (False, ["sess-2"], [])
 
-    blob = _blob_path(dest, "sess-3", _digests(dest, "sess-3")[0])
-    blob.write_bytes(b"rot" + blob.read_bytes()[3:])
+    path = dest / ondisk.SESSIONS_DIR / "sess-3" / ondisk.LOOPS_DIR
+    blob = next(path.iterdir())
+    blob.unlink()  # the backup's blobs are hard links: damage a copy of its own
+    blob.write_bytes(b"rot")
     damaged = verify_backup(src, dest)
-    assert [p.kind for p in damaged.dest_report.problems] == ["undecodable"]
+    assert not damaged.ok and [(p.session_id, p.kind) for p in damaged.dest_report.problems] == [
+        ("sess-3", "undecodable")
+    ]
+    assert damaged.as_dict()["problems"][0]["session_id"] == "sess-3"
+
+    assert backup(src, dest).ok  # brings behind, missing, extra and diverged in line
+    after = verify_backup(src, dest)
+    assert after.current == ["sess-0", "sess-2", "sess-3", "sess-4", "sess-new"]
+    assert not (after.behind or after.missing or after.extra or after.diverged)
 
 
-# --------------------------------------------------------------------------- rsync
+class _CommitsBeforeDestLock(FileSystemSessionStore):
+    """A dest that runs `before_lock` (once) before a session lock is taken: the source
+    commits between the backup's read of it and the backup's write into dest."""
+
+    before_lock: Callable[[str], None] | None = None
+
+    @contextlib.contextmanager
+    def lock(self, session_id: str) -> Iterator[None]:
+        hook, self.before_lock = self.before_lock, None
+        if hook is not None:
+            hook(session_id)
+        with super().lock(session_id):
+            yield
 
 
-def _copy_tree_in_rsync_order(src: Path, dst: Path, between: Any = None) -> None:
-    """What rsync -a does, made deterministic: per session, loops/ before manifest.json.
-
-    rsync sorts a directory's entries and "loops" < "manifest.json", and it sends a
-    whole directory's files as one walk: `between(session_id)` runs after a session's
-    loops/ was copied and before its manifest is.
-    """
-    shutil.copy2(src / ondisk.MARKER_NAME, dst / ondisk.MARKER_NAME)
-    for sub in (ondisk.LOCKS_DIR, ondisk.TMP_DIR):
-        (dst / sub).mkdir(parents=True, exist_ok=True)
-    for sdir in sorted((src / ondisk.SESSIONS_DIR).iterdir()):
-        target = dst / ondisk.SESSIONS_DIR / sdir.name
-        shutil.copytree(sdir / ondisk.LOOPS_DIR, target / ondisk.LOOPS_DIR, dirs_exist_ok=True)
-        if between is not None:
-            between(sdir.name)
-        shutil.copy2(sdir / ondisk.MANIFEST_NAME, target / ondisk.MANIFEST_NAME)
-
-
-def test_rsync_of_a_live_store_can_copy_a_manifest_newer_than_its_blobs(tmp_path: Path) -> None:
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: updating an existing dest session commits it with the backup's "
+    "own time (not the source state's committed_at_ns), and verify_backup orders states "
+    "by that time: a backup that read a state just before the source committed again is "
+    "then reported 'diverged' (and not ok), though it holds a state the source had",
+)
+def test_verify_backup_calls_a_state_the_source_had_behind(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
-    _populate(src, sessions=2)
-    naive = tmp_path / "naive"
-    naive.mkdir()
+    _populate(src, sessions=1)
+    dst = _CommitsBeforeDestLock(tmp_path / "bk", durable=False)
+    backup(src, dst)
+    src.append_loop("sess-0", make_loop("sess-0", 3))
+    read = workers.snapshot(src, "sess-0")  # what the next backup reads
 
-    def writer_commits(sid: str) -> None:
-        if sid == "sess-0":
-            src.append_loop(sid, make_loop(sid, 3))
-
-    _copy_tree_in_rsync_order(src.root, naive, between=writer_commits)
-    with _store(naive) as copy:
-        report = copy.verify()
-        with pytest.raises(CorruptSession, match="missing blob"):
-            copy.load("sess-0")
-        assert copy.load("sess-1") == src.load("sess-1")
-    assert not report.ok
-    assert [(p.session_id, p.kind) for p in report.problems] == [("sess-0", "missing_blob")]
+    dst.before_lock = lambda sid: src.append_loop(sid, make_loop(sid, 4))
+    assert backup(src, dst).ok
+    assert workers.snapshot(dst, "sess-0") == read  # a state the source had: behind
+    check = verify_backup(src, dst)
+    assert check.behind == ["sess-0"] and check.ok, check
 
 
-def test_backup_then_copy_the_backup_is_consistent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: a dest session whose state equals the source's is 'unchanged' "
+    "without looking at its blobs, so a damaged or missing blob in the backup is never "
+    "repaired by later backups (verify_backup keeps reporting it)",
+)
+def test_backup_repairs_a_damaged_blob_in_the_backup(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    dest = tmp_path / "bk"
+    backup(src, dest)
+    blob = next((dest / ondisk.SESSIONS_DIR / "sess-0" / ondisk.LOOPS_DIR).iterdir())
+    blob.unlink()  # the backup's own copy of it is lost
+    assert not verify_backup(src, dest).ok
+    assert backup(src, dest).ok
+    assert verify_backup(src, dest).in_sync
+
+
+# --------------------------------------------------------------------------- live writers
+
+
+def test_backups_under_live_writers_hold_only_states_the_source_had(tmp_path: Path) -> None:
+    """2 writer processes append, replace in place, save, fold, delete and re-create while
+    2 backup processes (one linking, one copying) run into the same dest. After every
+    run, every dest session is a logged source state (key and loaded JSON) and dest
+    verifies clean; the final run is in sync."""
+    root, dest, log = tmp_path / "src", tmp_path / "bk", tmp_path / "states.jsonl"
+    stop = tmp_path / "writers-done"
+    src = _store(root)
+    ids = _populate(src, sessions=4, loops=2)
+    workers.log_states(str(root), str(log))
+    commits = 150
+    with ProcessPoolExecutor(4, mp_context=CTX) as pool:
+        backups = [
+            pool.submit(workers.backup_worker, str(root), str(dest), 3, str(stop), link)
+            for link in (True, False)
+        ]
+        try:
+            writers = [
+                pool.submit(workers.writer_worker, str(root), ids, w, commits, str(log))
+                for w in range(2)
+            ]
+            done = [f.result(timeout=240) for f in writers]
+        finally:
+            stop.touch()  # the backup workers stop even if a writer failed
+        runs = [r for f in backups for r in f.result(timeout=240)]
+    assert done == [commits, commits]
+    states = workers.read_log(log)
+    seen: set[tuple[str, str, str]] = set()
+    for run in runs:
+        assert run["failed"] == [], run["failed"]
+        assert run["dest_ok"], run["problems"]
+        for sid, (key, digest) in run["state"].items():
+            assert (sid, key, digest) in states, f"{sid}: a state the source never had"
+            seen.add((sid, key, digest))
+    # verify_backup may call an older state "diverged" here (see the xfail test
+    # test_verify_backup_calls_a_state_the_source_had_behind); the check above is exact.
+    false_diverged = sum(len(run["diverged"]) for run in runs)
+    print(
+        f"{len(runs)} backup runs held {len(seen)} distinct source states; "
+        f"verify_backup said 'diverged' {false_diverged} times"
+    )
+    assert sum(run["updated"] for run in runs) > 0
+
+    final = backup(src, dest)
+    assert final.ok
+    assert verify_backup(src, dest).in_sync
+    with _store(dest) as copy:
+        _assert_mirrors(src, copy)
+
+
+def _wait_for(path: Path, proc: Any, what: str) -> None:
+    deadline = time.monotonic() + 60  # a safety net for a hung worker, not a measurement
+    while not path.exists():
+        assert proc.is_alive(), f"worker exited ({proc.exitcode}) before {what}"
+        assert time.monotonic() < deadline, f"worker never reached {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["between", "install", "blobs", "fold"])
+def test_killed_backup_leaves_a_valid_dest_and_the_next_run_completes(
+    tmp_path: Path, mode: str
 ) -> None:
-    """The recipe: back up (writers keep committing), then rsync/copy the backup."""
     src = _store(tmp_path / "src")
-    _populate(src, sessions=2)
-    inner = backup_mod._transfer_blob
-    commits = []
+    ids = _populate(src, sessions=6, loops=3)
+    dest, signal = tmp_path / "bk", tmp_path / "paused"
+    old: dict[str, tuple[str, str]] = {}
+    if mode in ("blobs", "fold"):  # these kill an update of sessions dest already has
+        assert backup(src, _store(dest)).ok
+        old = workers.snapshot_all(src)
+        for sid in ids:
+            src.append_loop(sid, make_loop(sid, 3))
+            src.append_loop(sid, make_loop(sid, 4))
+            src.checkpoint(sid)
+    new = workers.snapshot_all(src)
 
-    def racing(run: Any, sid: str, *args: Any) -> bool:
-        if len(commits) < 3:  # a writer commits while the backup is mid-session
-            commits.append(sid)
-            src.append_loop(sid, make_loop(sid, 3 + len(commits)))
-        return inner(run, sid, *args)
+    proc = CTX.Process(
+        target=workers.killable_backup, args=(str(src.root), str(dest), mode, str(signal))
+    )
+    proc.start()
+    try:
+        _wait_for(signal, proc, f"its {mode!r} pause")
+    finally:
+        proc.kill()  # SIGKILL
+        proc.join(30)
+    assert proc.exitcode == -9
 
-    monkeypatch.setattr(backup_mod, "_transfer_blob", racing)
+    with _store(dest) as partial:
+        report = partial.verify()
+        assert report.ok, report.problems
+        held = workers.snapshot_all(partial)
+        for sid, snap in held.items():
+            assert snap in (old.get(sid), new[sid])  # the old state or the new one, whole
+        check = verify_backup(src, partial)
+        assert check.ok and not check.diverged and not check.in_sync
+        if mode == "between":
+            assert sorted(held) == ids[:3] and check.missing == ids[3:]
+        elif mode == "install":  # the 3rd session was staged, never published
+            assert sorted(held) == ids[:2] and check.missing == ids[2:]
+            assert [o.kind for o in partial.verify(grace=0).orphans] == ["stale_tmp"]
+        elif mode == "blobs":  # a new blob placed, the record never written
+            assert held == old and check.behind == ids
+            assert [o.kind for o in report.orphans] == ["orphan_blob"]
+        else:  # committed in dest, never folded: the new state, from the journal
+            assert held["sess-0"] == new["sess-0"] and check.current[0] == "sess-0"
+            assert partial.session_state("sess-0").records == 1
+
+    again = backup(src, dest)
+    assert again.ok
+    assert again.sessions_updated == len([s for s in ids if held.get(s) != new[s]])
+    assert verify_backup(src, dest).in_sync
+    with _store(dest) as copy:
+        _assert_mirrors(src, copy)
+        copy.gc(grace=0)
+        assert copy.verify(grace=0).orphans == []
+
+
+# --------------------------------------------------------------------------- tree copies
+
+
+def _tree_copy(src: Path, dst: Path) -> None:
+    """What to back up of a store by hand (docs/FORMAT.md section 1): marker and sessions/."""
+    dst.mkdir(parents=True)
+    shutil.copy2(src / ondisk.MARKER_NAME, dst / ondisk.MARKER_NAME)
+    shutil.copytree(src / ondisk.SESSIONS_DIR, dst / ondisk.SESSIONS_DIR)
+
+
+def test_tree_copy_of_a_checkpointed_quiet_store_is_a_valid_store(tmp_path: Path) -> None:
+    """The rsync recipe: `checkpoint` every session, no writer running, copy the tree."""
+    src = _store(tmp_path / "src")
+    ids = _populate(src, sessions=3, checkpoint=False)
+    src.append_loop("sess-0", make_loop("sess-0", 3))
+    for sid in ids:
+        src.checkpoint(sid)
+        assert src.session_state(sid).journal_blobs == {}  # every blob is a plain file
+    _tree_copy(src.root, tmp_path / "copy")
+    shutil.copytree(src.root, tmp_path / "whole")  # locks/, tmp/ and the catalog as well
+    for copy_root in (tmp_path / "copy", tmp_path / "whole"):
+        with _store(copy_root) as copy:
+            _assert_mirrors(src, copy)
+            assert copy.verify().orphans == []
+            assert {s: copy.session_state(s).generation for s in ids} == {
+                s: src.session_state(s).generation for s in ids
+            }
+    # without the checkpoint too, as long as no writer runs: the journals come along
+    src.append_loop("sess-1", make_loop("sess-1", 3))
+    _tree_copy(src.root, tmp_path / "journals")
+    with _store(tmp_path / "journals") as copy:
+        _assert_mirrors(src, copy)
+    # a backup is at rest (checkpoints, empty journals): copying it needs no checkpoint
     backup(src, tmp_path / "bk")
-    monkeypatch.setattr(backup_mod, "_transfer_blob", inner)
-    assert commits
-    check = verify_backup(src, tmp_path / "bk")
-    assert check.ok and check.behind  # consistent, and behind the source: not torn
-    offsite = tmp_path / "offsite"
-    offsite.mkdir()
-    _copy_tree_in_rsync_order(tmp_path / "bk", offsite)
-    with _store(offsite) as copy:
-        assert copy.verify().ok
-    assert workers.manifest_state(offsite) == workers.manifest_state(tmp_path / "bk")
+    _tree_copy(tmp_path / "bk", tmp_path / "offsite")
+    with _store(tmp_path / "offsite") as copy:
+        _assert_mirrors(src, copy)
 
 
-@pytest.mark.skipif(RSYNC is None, reason="optional real-rsync variant: no rsync binary")
-def test_real_rsync_of_the_backup_is_consistent_and_incremental(tmp_path: Path) -> None:
+@pytest.mark.skipif(RSYNC is None, reason=NO_RSYNC)
+def test_real_rsync_of_a_checkpointed_store_is_valid_and_incremental(tmp_path: Path) -> None:
     assert RSYNC is not None
     src = _store(tmp_path / "src")
-    _populate(src, sessions=3)
-    bk, offsite = tmp_path / "bk", tmp_path / "offsite"
-    excludes = ["--exclude=/tmp/", "--exclude=/locks/"]  # staging and lock files: not data
+    ids = _populate(src, sessions=3)
+    offsite = tmp_path / "offsite"
+    excludes = ["--exclude=/tmp/", "--exclude=/locks/", "--exclude=/catalog*"]
 
     def rsync() -> int:
         out = subprocess.run(
-            [RSYNC, "-a", "--delete", *excludes, "--stats", f"{bk}/", f"{offsite}/"],
+            [RSYNC, "-a", "--delete", *excludes, "--stats", f"{src.root}/", f"{offsite}/"],
             check=True,
             capture_output=True,
             text=True,
@@ -359,95 +814,190 @@ def test_real_rsync_of_the_backup_is_consistent_and_incremental(tmp_path: Path) 
         line = next(x for x in out.splitlines() if "regular files transferred" in x)
         return int(line.split(":")[1].strip().replace(",", ""))
 
-    backup(src, bk)
-    assert rsync() == 1 + 9 + 3  # marker, blobs, manifests
-    src.append_loop("sess-2", make_loop("sess-2", 3))
-    backup(src, bk)
-    assert rsync() == 2  # one new blob, one manifest
+    assert rsync() == 1 + 3 * (3 + 2)  # marker; per session 3 blobs, manifest, journal
     with _store(offsite) as copy:
-        assert copy.verify().ok
-    assert workers.manifest_state(offsite) == workers.manifest_state(src.root)
+        _assert_mirrors(src, copy)
+    src.append_loop("sess-2", make_loop("sess-2", 3))
+    src.checkpoint("sess-2")
+    assert rsync() == 3  # the new blob, the new manifest, the new (empty) journal
+    with _store(offsite) as copy:
+        _assert_mirrors(src, copy)
+        assert copy.verify().orphans == []  # --delete removed the old journal
+    assert ids == _ids(src)
 
 
-# --------------------------------------------------------------------------- processes
-
-
-def _committed(log: Path) -> set[tuple[str, int, str]]:
-    out = set()
-    for line in log.read_text().splitlines():
-        doc = json.loads(line)
-        out.add((doc["sid"], doc["gen"], doc["checksum"]))
-    return out
-
-
-def test_backups_during_concurrent_writers_hold_committed_generations(tmp_path: Path) -> None:
-    """2 writer processes append/replace loops (and gc) while 2 backup processes run
-    into the same dest; every dest session after every run is a logged commit."""
-    root, dest, log = tmp_path / "src", tmp_path / "bk", tmp_path / "commits.jsonl"
-    stop = tmp_path / "writers-done"
-    src = _store(root)
-    ids = _populate(src, sessions=4, loops=2)
-    workers.log_initial_state(str(root), str(log))
-    with ProcessPoolExecutor(4, mp_context=CTX) as pool:
-        writers = [
-            pool.submit(workers.writer_worker, str(root), ids, w, 60, str(log)) for w in range(2)
-        ]
-        backups = [
-            pool.submit(workers.backup_worker, str(root), str(dest), 3, str(stop)) for _ in range(2)
-        ]
-        assert [f.result(timeout=120) for f in writers] == [60, 60]
-        stop.touch()
-        runs = [r for f in backups for r in f.result(timeout=120)]
-    committed = _committed(log)
-    assert len(committed) == 4 + 120
-    seen = {(sid, g, c) for run in runs for sid, (g, c) in run["state"].items()}
-    print(
-        f"{len(runs)} backups saw {len(seen)} distinct committed states, "
-        f"{sum(r['retries'] for r in runs)} retries"
-    )
-    for run in runs:
-        assert run["failed"] == [] and run["dest_ok"], run["problems"]
-        assert run["diverged"] == []
-        for sid, (gen, checksum) in run["state"].items():
-            assert (sid, gen, checksum) in committed
-    final = backup(src, dest)
-    assert final.ok
-    check = verify_backup(src, dest)
-    assert check.in_sync, check
-    _assert_same_sessions(src, dest)
-
-
-@pytest.mark.parametrize("mode", ["session", "blob"])
-def test_killed_backup_leaves_a_valid_dest_and_the_next_run_completes(
-    tmp_path: Path, mode: str
+def test_tree_copy_that_caught_a_journal_mid_append_reads_the_records_before_it(
+    tmp_path: Path,
 ) -> None:
+    """A copy of a live journal is a prefix of it, which may end inside a record (the
+    writer's pwrite was not finished when the copier read): that is a torn tail, and
+    readers of the copy stop before it. Every prefix is tried at the interesting cuts."""
     src = _store(tmp_path / "src")
-    _populate(src, sessions=6, loops=3)
-    dest, counter = tmp_path / "bk", tmp_path / "progress"
-    proc = CTX.Process(
-        target=workers.slow_backup_worker,
-        args=(str(src.root), str(dest), mode, str(counter), 0.2),
-    )
-    proc.start()
-    deadline = time.monotonic() + 30
-    while not (counter.exists() and counter.read_text() not in ("", "0", "1")):
-        assert time.monotonic() < deadline and proc.is_alive()
-        time.sleep(0.02)
-    proc.kill()  # SIGKILL
-    proc.join(10)
-    assert proc.exitcode == -9
+    _populate(src, sessions=1, loops=2)
+    states = [src.load_json("sess-0")]
+    for i in range(2, 5):
+        src.append_loop("sess-0", make_loop("sess-0", i))
+        states.append(src.load_json("sess-0"))
+    gen = src.session_state("sess-0").checkpoint_generation
+    jpath = src.layout.journal("sess-0", gen)
+    data = jpath.read_bytes()
+    frames, _end = journal.scan(data)
+    records = [f for f in frames if f.kind == journal.KIND_RECORD]
+    assert len(records) == 3
+    cuts = {0, len(data)}
+    for f in frames:  # in the header, the meta, the payload, the last byte, the boundary
+        cuts |= {f.offset + 5, f.offset + 30, f.payload_at + 10, f.end - 1, f.end}
+    for cut in sorted(c for c in cuts if 0 <= c <= len(data)):
+        copy_root = tmp_path / f"cut-{cut}"
+        _tree_copy(src.root, copy_root)
+        (copy_root / ondisk.SESSIONS_DIR / "sess-0" / jpath.name).write_bytes(data[:cut])
+        whole = sum(1 for r in records if r.end <= cut)
+        with _store(copy_root) as copy:
+            assert copy.load_json("sess-0") == states[whole], f"cut at {cut}"
+            report = copy.verify()
+            assert report.ok, (cut, report.problems)
+            torn = [o for o in report.orphans if o.kind == "torn_tail"]
+            assert bool(torn) == (cut not in {f.end for f in frames} | {0}), cut
 
-    with _store(dest) as partial:
-        report = partial.verify()
-        assert report.ok, report.problems
-        done = partial.list_ids()
-    assert len(done) < 6
-    state = workers.manifest_state(dest)
-    assert all(state[sid] == workers.manifest_state(src.root)[sid] for sid in done)
-    if mode == "blob":
-        assert len(list(ondisk.Layout(dest).sessions_dir.iterdir())) > len(done)
 
+def test_tree_copy_of_a_live_store_with_appending_writers_is_readable(tmp_path: Path) -> None:
+    """Real copies (shutil.copytree) of a store while a writer process appends: every
+    copied session loads to a state the writer logged. Appends only: a fold during the
+    copy is the case the next test shows is not safe."""
+    root, log = tmp_path / "src", tmp_path / "states.jsonl"
+    src = _store(root)
+    ids = _populate(src, sessions=2, loops=1)
+    workers.log_states(str(root), str(log))
+    copies: list[Path] = []
+    with ProcessPoolExecutor(1, mp_context=CTX) as pool:
+        writer = pool.submit(workers.append_worker, str(root), ids, 40, str(log))
+        while not writer.done() or not copies:
+            copy_root = tmp_path / f"copy-{len(copies)}"
+            _tree_copy(root, copy_root)
+            copies.append(copy_root)
+        assert writer.result() == 40
+    assert src.session_state("sess-0").records == 20  # no fold happened
+    states = workers.read_log(log)
+    torn = 0
+    for copy_root in copies:
+        with _store(copy_root) as copy:
+            report = copy.verify()
+            assert report.ok, report.problems
+            torn += sum(o.kind == "torn_tail" for o in report.orphans)
+            for sid, (key, digest) in workers.snapshot_all(copy).items():
+                assert (sid, key, digest) in states
+    print(f"{len(copies)} live copies, {torn} with a torn journal tail")
+
+
+def test_tree_copy_during_a_fold_can_miss_blobs_and_backup_does_not(tmp_path: Path) -> None:
+    """Why a live tree copy is not a backup: copying in rsync's order (journal, loops/,
+    manifest.json), a fold between loops/ and manifest.json gives a checkpoint naming
+    blobs the copy does not have. `backup` of the same moment is consistent."""
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    src.append_loop("sess-0", make_loop("sess-0", 3))  # journal-held until the fold
+    sdir = src.root / ondisk.SESSIONS_DIR / "sess-0"
+    naive = tmp_path / "naive"
+    target = naive / ondisk.SESSIONS_DIR / "sess-0"
+    target.mkdir(parents=True)
+    shutil.copy2(src.root / ondisk.MARKER_NAME, naive / ondisk.MARKER_NAME)
+    names = sorted(p.name for p in sdir.iterdir())
+    assert names[-2:] == [ondisk.LOOPS_DIR, ondisk.MANIFEST_NAME]
+    for name in names:
+        if name == ondisk.MANIFEST_NAME:
+            src.checkpoint("sess-0")  # the writer folds while the copy is under way
+            bk = backup(src, tmp_path / "bk")
+        if (sdir / name).is_dir():
+            shutil.copytree(sdir / name, target / name)
+        elif (sdir / name).exists():
+            shutil.copy2(sdir / name, target / name)
+    with _store(naive) as copy:
+        with pytest.raises(CorruptSession, match="missing blob"):
+            copy.load("sess-0")
+        kinds = [(p.session_id, p.kind) for p in copy.verify().problems]
+        assert kinds == [("sess-0", "missing_blob")]
+    assert bk.ok
+    with _store(tmp_path / "bk") as copy:
+        _assert_mirrors(src, copy)
+
+
+# --------------------------------------------------------------------------- library gaps
+
+
+def _gc_races_the_backup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[FileSystemSessionStore, Path, BackupReport, set[tuple[str, str]]]:
+    """While backup reads sess-0's blobs, a writer replaces one of its loops, folds and a
+    gc with no grace removes the old blob (what gc does to a blob once the grace period
+    is over). Returns src, dest, the report and sess-0's source states since dest's copy."""
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=2)
+    dest = tmp_path / "bk"
+    assert backup(src, dest).ok
+    states = {workers.snapshot(src, "sess-0")}  # dest's copy
+    src.append_loop("sess-0", make_loop("sess-0", 3))
+    src.checkpoint("sess-0")
+    states.add(workers.snapshot(src, "sess-0"))  # what backup reads
+    old = src.session_state("sess-0").entries[1].blob
+    inner = FsSession.blob
+    fired: list[str] = []
+
+    def racing(self: FsSession, digest: str) -> bytes:
+        if digest == old and not fired and self.blob_path(digest).is_relative_to(src.root):
+            fired.append(digest)
+            src.append_loop("sess-0", make_loop("sess-0", 1, text_bytes=4321))
+            src.checkpoint("sess-0")
+            assert src.gc(grace=0).blobs_removed == 1
+            states.add(workers.snapshot(src, "sess-0"))
+        return inner(self, digest)
+
+    monkeypatch.setattr(FsSession, "blob", racing)
+    report = backup(src, dest)
+    monkeypatch.setattr(FsSession, "blob", inner)
+    assert fired
+    return src, dest, report, states
+
+
+def test_a_blob_collected_mid_backup_never_tears_the_dest_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, dest, report, states = _gc_races_the_backup(tmp_path, monkeypatch)
+    assert [f.session_id for f in report.failed] in ([], ["sess-0"])
+    with _store(dest) as copy:
+        assert copy.verify().ok
+        # dest's previous copy (the session failed), or a whole state the source had
+        assert workers.snapshot(copy, "sess-0") in states
     again = backup(src, dest)
-    assert again.ok and again.sessions_updated == 6 - len(done)
-    assert verify_backup(src, dest).in_sync
-    _assert_same_sessions(src, dest)
+    assert again.ok and verify_backup(src, dest).in_sync
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library gap: backup does not re-read a session whose blob vanished (readers "
+    "do, up to READ_RETRIES); the session fails with 'source is missing the blob'",
+)
+def test_a_blob_collected_mid_backup_is_retried_on_the_newer_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _src, dest, report, states = _gc_races_the_backup(tmp_path, monkeypatch)
+    assert report.ok, report.failed
+    assert workers.snapshot(_store(dest), "sess-0") in states
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="library bug: Backend.install (a session new to dest) does not mark dest's "
+    "catalog pending, so dest's listings miss the session and dest.verify() reports "
+    "a catalog problem",
+)
+def test_sessions_a_backup_installs_are_listed_in_dest(tmp_path: Path) -> None:
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    dest = tmp_path / "bk"
+    backup(src, dest)
+    assert _store(dest).list_ids() == ["sess-0"]  # the dest's catalog is built
+    src.save(make_session("sess-9", 2))
+    assert backup(src, dest).ok
+    with _store(dest) as copy:
+        assert sorted(copy.list_ids()) == ["sess-0", "sess-9"]
+        assert copy.verify().ok
