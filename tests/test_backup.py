@@ -412,12 +412,6 @@ def test_damage_inside_a_journal_fails_the_session_not_the_run(tmp_path: Path, r
         assert check.behind == ["sess-0"] and check.ok
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: verify_backup files a dest session whose *source* cannot be read "
-    "(CorruptSession) under 'diverged' (not a state the source had) and so says not ok, "
-    "though the dest copy is a good, older state",
-)
 def test_verify_backup_does_not_blame_the_backup_for_a_damaged_source(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
@@ -425,16 +419,17 @@ def test_verify_backup_does_not_blame_the_backup_for_a_damaged_source(tmp_path: 
     assert backup(src, dest).ok
     _flip_byte(src.layout.manifest("sess-0"), 40)
     check = verify_backup(_store(src.root), dest)
-    assert check.dest_report.ok and check.diverged == [] and check.ok
+    assert check.dest_report.ok and check.diverged == [] and check.ok and not check.in_sync
+    assert [f.session_id for f in check.source_unreadable] == ["sess-0"]
+    assert "bad manifest" in check.source_unreadable[0].reason
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: an unchanged session is skipped before its blobs are hash-checked, "
-    "so bit rot in the source after a good backup goes unreported (report.ok, exit 0)",
-)
 @pytest.mark.parametrize("link", [True, False], ids=["link", "copy"])
-def test_bit_rot_in_an_unchanged_session_is_reported(tmp_path: Path, link: bool) -> None:
+def test_bit_rot_in_an_unchanged_session_is_reported_by_a_checking_backup(
+    tmp_path: Path, link: bool
+) -> None:
+    """An incremental backup stats an unchanged session's blobs (it copies nothing, so it
+    vouches for nothing new); `check=True` reads and hash-checks them too."""
     src = _store(tmp_path / "src")
     _populate(src, sessions=2)
     dest = tmp_path / "bk"
@@ -442,10 +437,14 @@ def test_bit_rot_in_an_unchanged_session_is_reported(tmp_path: Path, link: bool)
     good = _store(dest).load_json("sess-0")
     path = src.layout.blob("sess-0", src.session_state("sess-0").entries[1].blob)
     _flip_byte(path, path.stat().st_size // 2)
-    report = backup(src, dest, link=link)
-    with _store(dest) as copy:  # what holds today too: dest keeps its good copy
+    quick = backup(src, dest, link=link)
+    assert quick.ok and quick.sessions_unchanged == 2 and quick.blobs_verified == 0
+    assert [p.session_id for p in src.verify().problems] == ["sess-0"]  # verify's job
+    report = backup(src, dest, link=link, check=True)
+    with _store(dest) as copy:
         assert copy.verify().ok and copy.load_json("sess-0") == good
     assert [f.session_id for f in report.failed] == ["sess-0"]
+    assert "damaged blob" in report.failed[0].reason and report.sessions_unchanged == 1
 
 
 # --------------------------------------------------------------------------- copies and links
@@ -520,9 +519,7 @@ def test_a_dest_store_object_whose_sessions_diverged_or_broke_gets_the_source_st
     assert sorted(check.diverged) == ["sess-0", "sess-1"] and check.extra == ["only-in-dest"]
     assert not check.ok and not check.dest_report.ok  # sess-2 is damaged
 
-    # a fresh dest object: this one's cached parse of sess-2 hides the damage (see the
-    # xfail test below)
-    report = backup(src, _store(dst.root), prune=False)
+    report = backup(src, dst, prune=False)
     assert report.ok and report.sessions_updated == 3 and report.sessions_unchanged == 1
     with _store(dst.root) as fresh:
         assert fresh.load("only-in-dest") == make_session("only-in-dest", 2)
@@ -531,12 +528,6 @@ def test_a_dest_store_object_whose_sessions_diverged_or_broke_gets_the_source_st
     assert verify_backup(src, dst).in_sync
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: backup reads dest sessions through the dest object's state cache "
-    "(keyed on the manifest's last 96 bytes), so a long-lived dest store object neither "
-    "sees nor replaces a dest checkpoint damaged after it was cached",
-)
 def test_a_long_lived_dest_object_replaces_a_damaged_dest_checkpoint(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
@@ -598,13 +589,6 @@ class _CommitsBeforeDestLock(FileSystemSessionStore):
             yield
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: updating an existing dest session commits it with the backup's "
-    "own time (not the source state's committed_at_ns), and verify_backup orders states "
-    "by that time: a backup that read a state just before the source committed again is "
-    "then reported 'diverged' (and not ok), though it holds a state the source had",
-)
 def test_verify_backup_calls_a_state_the_source_had_behind(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
@@ -620,12 +604,6 @@ def test_verify_backup_calls_a_state_the_source_had_behind(tmp_path: Path) -> No
     assert check.behind == ["sess-0"] and check.ok, check
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: a dest session whose state equals the source's is 'unchanged' "
-    "without looking at its blobs, so a damaged or missing blob in the backup is never "
-    "repaired by later backups (verify_backup keeps reporting it)",
-)
 def test_backup_repairs_a_damaged_blob_in_the_backup(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
@@ -672,16 +650,11 @@ def test_backups_under_live_writers_hold_only_states_the_source_had(tmp_path: Pa
     for run in runs:
         assert run["failed"] == [], run["failed"]
         assert run["dest_ok"], run["problems"]
+        assert run["diverged"] == []  # dest holds source states with their commit times
         for sid, (key, digest) in run["state"].items():
             assert (sid, key, digest) in states, f"{sid}: a state the source never had"
             seen.add((sid, key, digest))
-    # verify_backup may call an older state "diverged" here (see the xfail test
-    # test_verify_backup_calls_a_state_the_source_had_behind); the check above is exact.
-    false_diverged = sum(len(run["diverged"]) for run in runs)
-    print(
-        f"{len(runs)} backup runs held {len(seen)} distinct source states; "
-        f"verify_backup said 'diverged' {false_diverged} times"
-    )
+    print(f"{len(runs)} backup runs held {len(seen)} distinct source states")
     assert sum(run["updated"] for run in runs) > 0
 
     final = backup(src, dest)
@@ -971,11 +944,6 @@ def test_a_blob_collected_mid_backup_never_tears_the_dest_session(
     assert again.ok and verify_backup(src, dest).in_sync
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library gap: backup does not re-read a session whose blob vanished (readers "
-    "do, up to READ_RETRIES); the session fails with 'source is missing the blob'",
-)
 def test_a_blob_collected_mid_backup_is_retried_on_the_newer_state(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -984,12 +952,6 @@ def test_a_blob_collected_mid_backup_is_retried_on_the_newer_state(
     assert workers.snapshot(_store(dest), "sess-0") in states
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library bug: Backend.install (a session new to dest) does not mark dest's "
-    "catalog pending, so dest's listings miss the session and dest.verify() reports "
-    "a catalog problem",
-)
 def test_sessions_a_backup_installs_are_listed_in_dest(tmp_path: Path) -> None:
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)

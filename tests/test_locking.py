@@ -20,8 +20,8 @@ import pytest
 
 import _workers_store as workers
 from helpers import lock_held_in_thread
-from loopstore.errors import SessionLocked
 from loopstore.aio import AsyncFileSystemSessionStore
+from loopstore.errors import SessionLocked
 from loopstore.store import FileSystemSessionStore
 
 CTX = mp.get_context("spawn")

@@ -28,18 +28,18 @@ from pathlib import Path
 from typing import Any, Final
 
 from loopstore import journal, ondisk
-from loopstore.errors import SessionError, StorageError, storage_error
-from loopstore.fsbackend import FileSystemBackend, FsSession
+from loopstore.backend import SessionHandle
+from loopstore.errors import SessionError, SessionNotFound, StorageError
+from loopstore.fsbackend import FileSystemBackend, check_backup_destination
 from loopstore.journal import Change
+from loopstore.locations import is_url, local_path, open_store, store_exists
 from loopstore.reports import VerifyReport
-from loopstore.store import FileSystemSessionStore, SessionStore
+from loopstore.store import READ_RETRIES, FileSystemSessionStore, SessionStore
 
 DEST_LOCK_TIMEOUT_S: Final = 60.0
 #: How long a backup waits for a destination session another backup is writing.
 
 ProgressFn = Callable[[int, int], None]
-
-_SKELETON: Final = frozenset({ondisk.SESSIONS_DIR, ondisk.LOCKS_DIR, ondisk.TMP_DIR})
 
 
 # --------------------------------------------------------------------------- reports
@@ -93,9 +93,10 @@ class BackupVerifyReport:
     `current`: the same state as the source (header and loop index); `behind`: an
     older state (the source committed since); `missing`: in the source, not in the
     backup; `extra`: in the backup, not in the source (deleted since, or kept with
-    prune=False); `diverged`: differs and is not older, so not a state the source had.
-    `ok` is dest.verify() clean and nothing diverged; `in_sync` also needs no
-    behind/missing/extra session.
+    prune=False); `diverged`: differs and is not older, so not a state the source had;
+    `source_unreadable`: the source session is damaged (the backup holds its last good
+    state: restore from it). `ok` is dest.verify() clean and nothing diverged;
+    `in_sync` also needs no behind/missing/extra/unreadable session.
     """
 
     source: str
@@ -107,6 +108,7 @@ class BackupVerifyReport:
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
     diverged: list[str] = field(default_factory=list)
+    source_unreadable: list[BackupFailure] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -114,7 +116,7 @@ class BackupVerifyReport:
 
     @property
     def in_sync(self) -> bool:
-        return self.ok and not (self.behind or self.missing or self.extra)
+        return self.ok and not (self.behind or self.missing or self.extra or self.source_unreadable)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,7 @@ class BackupVerifyReport:
             "missing": list(self.missing),
             "extra": list(self.extra),
             "diverged": list(self.diverged),
+            "source_unreadable": [asdict(f) for f in self.source_unreadable],
             "problems": [
                 {
                     "session_id": p.session_id,
@@ -148,6 +151,15 @@ class _Damaged(Exception):
     """A source blob does not match its name: the session is not backed up."""
 
 
+class _Vanished(Exception):
+    """A blob the source state names is gone: a newer state (folded, collected) or damage."""
+
+    def __init__(self, version: tuple[int, int], loop_id: str) -> None:
+        super().__init__(loop_id)
+        self.version = version
+        self.loop_id = loop_id
+
+
 @dataclass
 class _Run:
     src: SessionStore
@@ -155,6 +167,7 @@ class _Run:
     report: BackupReport
     link: bool
     copy_only: bool
+    check: bool
 
 
 def _same(a: journal.SessionState, b: journal.SessionState) -> bool:
@@ -165,7 +178,7 @@ def _same(a: journal.SessionState, b: journal.SessionState) -> bool:
 
 
 def _source_blobs(
-    run: _Run, h: Any, state: journal.SessionState
+    run: _Run, h: SessionHandle, state: journal.SessionState
 ) -> tuple[list[ondisk.EncodedBlob], dict[str, Path]]:
     """Every blob the state names, hash-checked; where linking is possible, the source file."""
     sid = state.session_id
@@ -177,7 +190,7 @@ def _source_blobs(
         try:
             data = h.payload(gen, span) if span is not None else h.blob(e.blob)
         except FileNotFoundError:
-            raise _Damaged(f"source is missing the blob of loop {e.loop_id!r}") from None
+            raise _Vanished((state.generation, gen), e.loop_id) from None
         try:
             ondisk.decode_blob(
                 data, e.blob, session_id=sid, path=None, expected_raw_size=e.raw_size
@@ -187,13 +200,30 @@ def _source_blobs(
             raise _Damaged(f"damaged blob of loop {e.loop_id!r} ({where}): {exc.cause}") from None
         run.report.blobs_verified += 1
         out.append(ondisk.EncodedBlob(e.blob, e.raw_size, data))
-        if span is None and run.link and isinstance(h, FsSession):
-            links[e.blob] = h.blob_path(e.blob)
+        if span is None and run.link:
+            links[e.blob] = Path(h.blob_path(e.blob))
     return out, links
 
 
 def _backup_session(run: _Run, sid: str) -> str:
-    """One session: 'updated', 'unchanged' or 'vanished'; raises _Damaged."""
+    """One session: 'updated', 'unchanged' or 'vanished'; raises _Damaged.
+
+    A blob that vanished under the read is a newer state (a fold and gc since): the
+    source is read again, as readers do; the same state missing it twice is damage.
+    """
+    last: tuple[int, int] | None = None
+    for _attempt in range(READ_RETRIES):
+        try:
+            return _backup_state(run, sid)
+        except _Vanished as exc:
+            if exc.version == last:
+                raise _Damaged(f"source is missing the blob of loop {exc.loop_id!r}") from None
+            last = exc.version
+    raise _Damaged(f"source session kept changing; gave up after {READ_RETRIES} reads")
+
+
+def _backup_state(run: _Run, sid: str) -> str:
+    """Copy the source session's current durable state into dest (under dest's lock)."""
     src, dst, report = run.src, run.dst, run.report
     with src.backend.session(sid) as h:
         r = src.read_state(h) if h is not None else None
@@ -202,53 +232,44 @@ def _backup_session(run: _Run, sid: str) -> str:
         if not r.sealed:
             h.make_durable(r.state.checkpoint_generation)
         state = r.state
+        sizes = {e.blob: e.stored_size for e in state.entries}
         with dst.lock(sid), dst.backend.session(sid) as dh:
             try:
-                dr = dst.read_state(dh) if dh is not None else None
+                dr = dst.read_state(dh, fresh=True) if dh is not None else None
             except SessionError:
                 dr = None  # a damaged copy is simply replaced
-            unchanged = dh is not None and dr is not None and _same(state, dr.state)
-            if unchanged and not (run.copy_only and _shares_inodes(h, dh, state)):
-                report.files_skipped += len(state.blobs)
-                report.bytes_skipped += sum(
-                    e.stored_size for e in {e.blob: e for e in state.entries}.values()
-                )
-                return "unchanged"
-            blobs, links = _source_blobs(run, h, state)
             if dh is None or dr is None:
-                data, _m = ondisk.encode_manifest(
-                    sid, state.generation, state.committed_at_ns, state.header, state.entries
-                )
-                linked, written = dst.backend.install(sid, data, state.generation, blobs, links)
+                blobs, links = _source_blobs(run, h, state)
+                linked, written = dst._install(state, blobs, links)
             else:
-                sizes = {e.blob: e.stored_size for e in state.entries}
-                have = {d for d in state.blobs if dh.blob_size(d) == sizes[d]}
+                have = {d for d in sizes if dh.blob_size(d) == sizes[d]}
                 force = {d for d in have if run.copy_only and _shared(h, dh, d)}
+                if _same(state, dr.state) and len(have) == len(sizes) and not force:
+                    if run.check:
+                        _source_blobs(run, h, state)
+                    report.files_skipped += len(sizes)
+                    report.bytes_skipped += sum(sizes.values())
+                    return "unchanged"
+                blobs, links = _source_blobs(run, h, state)
                 todo = [b for b in blobs if b.digest not in have or b.digest in force]
                 linked, written = dh.materialize(todo, links=links, force=force)
-                skipped = [b for b in blobs if b.digest in have and b.digest not in force]
-                report.files_skipped += len(skipped)
-                report.bytes_skipped += sum(b.stored_size for b in skipped)
+                report.files_skipped += len(blobs) - len(todo)
+                report.bytes_skipped += sum(sizes[d] for d in have - force)
                 change = Change(dr.state)
                 change.set_header(state.header)
                 change.set_loops(state.entries, {})
                 if not change.empty:
-                    dst._fold(dh, dst._commit(sid, dh, dr, change))
-    stored = {b.digest: b.stored_size for b in blobs}
+                    dst._fold(dh, dst._commit(sid, dh, dr, change, at_ns=state.committed_at_ns))
     report.files_linked += len(linked)
-    report.bytes_linked += sum(stored[d] for d in linked)
+    report.bytes_linked += sum(sizes[d] for d in linked)
     report.files_copied += len(written)
-    report.bytes_copied += sum(stored[d] for d in written)
+    report.bytes_copied += sum(sizes[d] for d in written)
     return "updated"
 
 
-def _shared(h: Any, dh: Any, digest: str) -> bool:
+def _shared(h: SessionHandle, dh: SessionHandle, digest: str) -> bool:
     a, b = h.blob_identity(digest), dh.blob_identity(digest)
     return a is not None and a == b
-
-
-def _shares_inodes(h: Any, dh: Any, state: journal.SessionState) -> bool:
-    return any(_shared(h, dh, d) for d in state.blobs)
 
 
 def _prune(run: _Run, keep: set[str]) -> None:
@@ -259,49 +280,31 @@ def _prune(run: _Run, keep: set[str]) -> None:
         try:
             run.dst.delete(sid)
             run.report.sessions_removed += 1
+        except SessionNotFound:
+            continue
         except SessionError as exc:
-            if exc.__class__.__name__ == "SessionNotFound":
-                continue
             run.report.failed.append(BackupFailure(sid, f"not pruned: {exc.cause}"))
 
 
-def _check_dest(src: SessionStore, dest: Path) -> None:
-    """Refuse a dest that overlaps the source or is a non-empty non-store directory."""
-    if isinstance(src, FileSystemSessionStore):
-        src_real = Path(os.path.realpath(src.root))
-        dst_real = Path(os.path.realpath(dest))
-        if dst_real == src_real or src_real in dst_real.parents or dst_real in src_real.parents:
-            raise StorageError(None, "backup destination overlaps the source store", path=dest)
-    try:
-        names = os.listdir(dest)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        raise StorageError(None, "backup destination is not a directory", path=dest) from None
-    except OSError as exc:
-        raise storage_error(None, "list backup destination", dest, exc) from exc
-    if ondisk.MARKER_NAME in names:
-        return
-    if any(n not in _SKELETON for n in names):
-        raise StorageError(
-            None,
-            "backup destination is a non-empty directory that is not a loopstore store; "
-            "refusing to write into it",
-            path=dest,
-        )
+def _fs_root(store: SessionStore) -> Path | None:
+    backend = store.backend
+    return backend.layout.root if isinstance(backend, FileSystemBackend) else None
 
 
 def open_dest(store: SessionStore, dest: str | os.PathLike[str] | SessionStore) -> SessionStore:
-    """The destination store (a path is checked and created; a store is used as it is)."""
+    """The destination store: a store object is used as it is, a URL opened, a directory
+    checked (see `check_backup_destination`) and made a store."""
     if isinstance(dest, SessionStore):
+        root, source = _fs_root(dest), _fs_root(store)
+        if dest is store or dest.location == store.location:
+            raise StorageError(None, "backup destination overlaps the source store", path=None)
+        if root is not None and source is not None:
+            check_backup_destination(root, source=source)
         return dest
-    text = os.fspath(dest)
-    if "://" in text and not text.startswith("file://"):
-        from loopstore.locations import open_store
-
-        return open_store(text, lock_timeout=DEST_LOCK_TIMEOUT_S)
-    path = Path(os.path.abspath(text.removeprefix("file://")))
-    _check_dest(store, path)
+    if is_url(dest):
+        return open_store(dest, lock_timeout=DEST_LOCK_TIMEOUT_S)
+    path = local_path(dest)
+    check_backup_destination(path, source=_fs_root(store))
     return FileSystemSessionStore(path, lock_timeout=DEST_LOCK_TIMEOUT_S)
 
 
@@ -315,6 +318,7 @@ def backup(
     prune: bool = True,
     progress: ProgressFn | None = None,
     link: bool = True,
+    check: bool = False,
 ) -> BackupReport:
     """Make (or bring up to date) a consistent backup of `store` in `dest`.
 
@@ -326,6 +330,12 @@ def backup(
     for blobs an earlier linking backup left there. `progress(done, total)` counts
     source sessions. A session whose blobs fail their hash check is reported in
     `failed` and keeps its previous copy in `dest`.
+
+    Every blob of a changed session is hash-checked before anything names it in dest;
+    an unchanged session costs a stat per blob (a blob dest lost is copied again).
+    check=True also hash-checks the unchanged sessions' source blobs: a full read of
+    the source that reports bit rot a session with no new commit would carry unseen
+    (`loopstore verify` on the source finds it too).
     """
     started = time.monotonic()
     dst = open_dest(store, dest)
@@ -334,7 +344,7 @@ def backup(
     )
     report = BackupReport(source=store.location, dest=dst.location)
     report.mode = "link" if link and both_fs else "copy"
-    run = _Run(store, dst, report, link and both_fs, not link)
+    run = _Run(store, dst, report, link and both_fs, not link, check)
     try:
         ids = sorted(store.backend.list_sessions())
         total = len(ids)
@@ -378,15 +388,9 @@ def verify_backup(
     progress: ProgressFn | None = None,
 ) -> BackupVerifyReport:
     """Check `dest` on its own (verify()) and against the live source, session by session."""
-    if isinstance(dest, SessionStore):
-        dst = dest
-    else:
-        text = os.fspath(dest)
-        if "://" not in text:
-            marker = Path(text) / ondisk.MARKER_NAME
-            if not marker.is_file():
-                raise StorageError(None, "no loopstore backup here (no store marker)", path=text)
-        dst = open_dest(store, dest)
+    if not isinstance(dest, SessionStore) and not store_exists(dest):
+        raise StorageError(None, "no loopstore backup here (no store marker)", path=os.fspath(dest))
+    dst = open_dest(store, dest)
     try:
         report = BackupVerifyReport(store.location, dst.location, dst.verify(progress=progress))
         dest_ids = sorted(dst.backend.list_sessions())
@@ -398,11 +402,11 @@ def verify_backup(
             report.sessions_checked += 1
             try:
                 s = store.session_state(sid)
+            except SessionNotFound:
+                report.extra.append(sid)
+                continue
             except SessionError as exc:
-                if exc.__class__.__name__ == "SessionNotFound":
-                    report.extra.append(sid)
-                else:
-                    report.diverged.append(sid)
+                report.source_unreadable.append(BackupFailure(sid, exc.cause))
                 continue
             if _same(d, s):
                 report.current.append(sid)
@@ -411,6 +415,7 @@ def verify_backup(
             else:
                 report.diverged.append(sid)
         present = set(report.current + report.behind + report.diverged + report.extra)
+        present.update(f.session_id for f in report.source_unreadable)
         for sid in sorted(store.backend.list_sessions()):
             if sid not in present and store.backend.has_manifest(sid):
                 report.missing.append(sid)

@@ -1674,7 +1674,12 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
         check_backup_dest(Path(dest.removeprefix("file://")))
     with _progress(ctx, "backing up") as progress:
         report = backup(
-            store, dest, prune=not args.keep_deleted, progress=progress, link=not args.copy
+            store,
+            dest,
+            prune=not args.keep_deleted,
+            progress=progress,
+            link=not args.copy,
+            check=args.check,
         )
     result: dict[str, Any] = {"backup": report.as_dict()}
     check = None
@@ -1724,6 +1729,14 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
         ):
             for sid in ids:
                 ctx.print(styled(f"{label:<8} ", "yellow") + Text(sid))
+        for failure in check.source_unreadable:
+            ctx.print(
+                styled("source damaged ", "bold red")
+                + Text(
+                    f"session {failure.session_id!r}: {_one_line(failure.reason)} "
+                    "(DEST holds its last good state)"
+                )
+            )
         verdict = "in sync" if check.in_sync else ("ok" if check.ok else "DAMAGED")
         ctx.print(
             styled(f"verify: {verdict}", "bold green" if check.ok else "bold red")
@@ -1731,7 +1744,8 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
                 f" ({_plural(check.sessions_checked, 'session')}: "
                 f"{len(check.current)} current, {len(check.behind)} behind, "
                 f"{len(check.missing)} missing, {len(check.extra)} extra, "
-                f"{len(check.diverged)} diverged; "
+                f"{len(check.diverged)} diverged, "
+                f"{len(check.source_unreadable)} unreadable in the store; "
                 f"{_plural(len(check.dest_report.problems), 'problem')})"
             )
         )
@@ -1953,6 +1967,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep sessions in DEST that were deleted from the store (default: mirror)",
     )
     p.add_argument("--copy", action="store_true", help="always copy blobs, never hard-link")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also hash-check unchanged sessions (a full read of the store; finds bit rot)",
+    )
     p.set_defaults(func=cmd_backup)
     return parser
 

@@ -1325,3 +1325,31 @@ def _exists(dir_fd: int, name: str) -> bool:
     except OSError:
         return True
     return True
+
+
+def check_backup_destination(dest: Path, *, source: Path | None) -> None:
+    """Refuse a backup destination that is (in, or around) the source store's directory,
+    is not a directory, or is a non-empty directory that is not a store: a backup never
+    writes into somebody's files."""
+    if source is not None:
+        src_real = Path(os.path.realpath(source))
+        dst_real = Path(os.path.realpath(dest))
+        if dst_real == src_real or src_real in dst_real.parents or dst_real in src_real.parents:
+            raise StorageError(None, "backup destination overlaps the source store", path=dest)
+    try:
+        names = os.listdir(dest)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise StorageError(None, "backup destination is not a directory", path=dest) from None
+    except OSError as exc:
+        raise storage_error(None, "list backup destination", dest, exc) from exc
+    if ondisk.MARKER_NAME in names:
+        return
+    if any(not ondisk.is_store_entry(n) for n in names):
+        raise StorageError(
+            None,
+            "backup destination is a non-empty directory that is not a loopstore store; "
+            "refusing to write into it",
+            path=dest,
+        )

@@ -88,8 +88,11 @@ def _session_files(store: SessionStore, sid: str, r: StateRead) -> Iterator[Orph
     for f in b.list_session_files(sid):
         if f.name in (ondisk.MANIFEST_NAME, ondisk.LOOPS_DIR, current):
             continue
-        kind = "stale_journal" if ondisk.journal_generation(f.name) is not None else "stray_file"
-        yield Orphan(sid, f.path, kind, f.size, f.age_s)
+        seq = ondisk.record_seq(f.name)  # an object store's record, log/<seq>.rec
+        if seq is not None and seq > r.state.checkpoint_generation:
+            continue  # live: after the checkpoint
+        stale = seq is not None or ondisk.journal_generation(f.name) is not None
+        yield Orphan(sid, f.path, "stale_journal" if stale else "stray_file", f.size, f.age_s)
     if r.torn:
         path = store._path(sid, current)
         yield Orphan(sid, path, "torn_tail", r.torn, 0.0)
@@ -331,7 +334,7 @@ def _gc_session(
         return False
 
     for o in _session_files(store, sid, r):
-        name = os.path.basename(str(o.path))
+        name = _name(o)
         if o.kind == "orphan_blob" and old(_stat(o)):
             if not dry_run:
                 b.delete_blob(sid, name)
@@ -348,8 +351,13 @@ def _gc_session(
             report.handoffs_removed += 1
 
 
+def _name(o: Orphan) -> str:
+    """The file's name in its directory (`o.path` is a path or an object URL)."""
+    return str(o.path).rsplit("/", 1)[-1]
+
+
 def _stat(o: Orphan) -> FileStat:
-    return FileStat(os.path.basename(str(o.path)), o.path, o.size, o.age_s)
+    return FileStat(_name(o), o.path, o.size, o.age_s)
 
 
 # --------------------------------------------------------------------------- stats

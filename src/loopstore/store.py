@@ -560,14 +560,21 @@ class SessionStore:
         return r
 
     def _commit(
-        self, session_id: str, h: SessionHandle | None, r: StateRead | None, change: Change
+        self,
+        session_id: str,
+        h: SessionHandle | None,
+        r: StateRead | None,
+        change: Change,
+        *,
+        at_ns: int | None = None,
     ) -> StateRead:
         """Write `change` as one record (step 4) and return the state after it.
 
         The caller holds the session. A new session is published whole by
-        `Backend.create` (its directory, or its objects, appear at once).
+        `Backend.create` (its directory, or its objects, appear at once). `at_ns` is
+        the commit time recorded (a backup carries its source state's over).
         """
-        at_ns = time.time_ns()
+        at_ns = time.time_ns() if at_ns is None else at_ns
         if self._backend.catalog is not None:
             self._backend.catalog.mark(session_id)
         if r is None:
@@ -585,6 +592,24 @@ class SessionStore:
         new = StateRead(r.state.replay(journal.scan(frame, locator)[0]), cursor, True, r.tail)
         self._cache_put(session_id, new)
         return new
+
+    def _install(
+        self,
+        state: SessionState,
+        blobs: Sequence[ondisk.EncodedBlob],
+        links: Mapping[str, Path],
+    ) -> tuple[list[str], list[str]]:
+        """Publish a session this store lacks, at rest, as another store's state (a
+        backup); the caller holds the session. Returns the digests linked and written."""
+        sid = state.session_id
+        if self._backend.catalog is not None:
+            self._backend.catalog.mark(sid)
+        data, _m = ondisk.encode_manifest(
+            sid, state.generation, state.committed_at_ns, state.header, state.entries
+        )
+        done = self._backend.install(sid, data, state.generation, blobs, links)
+        self._cache.pop(sid, None)
+        return done
 
     def _settle(self, h: SessionHandle | None, r: StateRead | None) -> None:
         """Nothing to write: still vouch only for durable state."""
