@@ -918,11 +918,15 @@ def test_backup_then_verify(capsys: pytest.CaptureFixture[str], root: Path, tmp_
     assert code == 0 and out.startswith(f"backup to {dest}: 3 sessions")
     assert "1 removed" in out and "verify: in sync" in out
 
-    # damage inside the backup is caught by --verify (exit 1)
+    # a blob the backup lost is copied again; same-size damage is caught by --verify
     blob = a_blob(dest, PARENT)
     data = blob.read_bytes()
     blob.unlink()  # a new inode: the backup's blobs are hard links to the source's
     blob.write_bytes(data[:-3])
+    code, out, _ = run(capsys, "--root", str(root), "backup", str(dest), "--verify")
+    assert code == 0 and "1 updated" in out and "1 linked" in out and "verify: in sync" in out
+    blob.unlink()
+    blob.write_bytes(data[:-1] + bytes([data[-1] ^ 0x5A]))
     code, out, _ = run(capsys, "--root", str(root), "backup", str(dest), "--verify")
     assert code == 1 and f"PROBLEM session {PARENT!r}" in out and "verify: DAMAGED" in out
     assert run(capsys, "--root", str(root), "verify")[0] == 0

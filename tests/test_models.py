@@ -389,6 +389,28 @@ def test_unknown_keys_survive_at_any_depth(picks: list[int], value: Any) -> None
     session = Session.model_validate_json(json.dumps(data))
     assert session.model_dump(mode="json") == data
     assert json.loads(session.model_dump_json()) == data
+    # the fast dump (no per-object sort hook) falls back to the exact one, key order too
+    exact = Session.__pydantic_serializer__.to_json(session, indent=2, exclude_unset=True)
+    assert session.dump_json(indent=2) == exact
+
+
+def test_fast_dump_is_the_exact_dump() -> None:
+    """`dump_json` skips the key-sorting hooks when no object holds unknown keys; an
+    unknown key in a key-sorted object (a message) still lands in sorted order."""
+    for path in FIXTURES:
+        session = Session.model_validate_json(load_fixture_text(path))
+        for model in (session, *session.loops):
+            exact = type(model).__pydantic_serializer__.to_json(
+                model, indent=2, exclude_unset=True
+            )
+            assert model.dump_json(indent=2) == exact
+    data = json.loads(load_fixture_text(FIXTURES[0]))
+    message = data["loops"][0]["messages"][0]
+    message["aaa_future"] = 1
+    message["zzz_future"] = 2
+    loop = Session.model_validate_json(json.dumps(data)).loops[0]
+    dumped = json.loads(loop.dump_json())["messages"][0]
+    assert list(dumped) == sorted(dumped) and {"aaa_future", "zzz_future"} <= set(dumped)
 
 
 # ---------------------------------------------------------------------------

@@ -15,8 +15,10 @@ value on the load/dump hot path.
 
 from __future__ import annotations
 
+import functools
 import gc
 import re
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -24,6 +26,7 @@ from enum import Enum
 from typing import Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, Strict
+from pydantic_core import PydanticSerializationError, SchemaSerializer, core_schema
 from typing_extensions import Self
 
 __all__ = [
@@ -150,6 +153,64 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, (list, dict)) and not value)
 
 
+# --------------------------------------------------------------------------- fast dumps
+#
+# A model that sorts its keys on dump (`_sorts_keys`) does it with a wrap serializer:
+# pydantic-core then calls back into Python for every such object (a loop has hundreds),
+# a third of a loop's dump time. Only an object holding unknown keys needs it (declared
+# fields are in sorted order already), and those are rare. So `dump_json` first runs a
+# serializer built from a copy of the schema without the wrap serializers, in which the
+# unknown-key serializer of those models raises a flag instead; a flagged dump is redone
+# the exact way. Same bytes either way (tests compare them); if pydantic ever reuses the
+# classes' own serializers for the copy, it is merely not faster.
+
+_unsorted = threading.local()
+_BUILD_LOCK = threading.Lock()
+
+
+def _flag_unsorted(value: Any) -> Any:
+    _unsorted.seen = True
+    return value
+
+
+def _fast_schema(schema: Any, models: set[type]) -> Any:
+    """`schema` with each key-sorting model's wrap serializer replaced by the flag."""
+    if isinstance(schema, list):
+        return [_fast_schema(v, models) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    node = {k: _fast_schema(v, models) for k, v in schema.items()}
+    cls = node.get("cls")
+    if node.get("type") == "model" and isinstance(cls, type):
+        models.add(cls)
+        if getattr(cls, "_sorts_keys", False):
+            node.pop("serialization", None)
+            fields = dict(node["schema"])
+            fields["extras_schema"] = core_schema.any_schema(
+                serialization=core_schema.plain_serializer_function_ser_schema(_flag_unsorted)
+            )
+            node["schema"] = fields
+    return node
+
+
+@functools.cache
+def _fast_serializer(cls: type[BaseModel]) -> SchemaSerializer:
+    """The copy's serializer. pydantic-core reuses a complete model class's own serializer
+    for its schema node (which would bring the wrap serializers back), so the classes
+    are marked incomplete while it is built, once per process."""
+    models: set[type] = set()
+    schema = _fast_schema(cls.__pydantic_core_schema__, models)
+    with _BUILD_LOCK:
+        saved = {m: m.__dict__["__pydantic_complete__"] for m in models}
+        try:
+            for m in models:
+                type.__setattr__(m, "__pydantic_complete__", False)
+            return SchemaSerializer(schema)
+        finally:
+            for m, complete in saved.items():
+                type.__setattr__(m, "__pydantic_complete__", complete)
+
+
 class LosslessModel(BaseModel):
     """Base of every phi-core model: unknown keys kept, absent keys stay absent.
 
@@ -170,6 +231,8 @@ class LosslessModel(BaseModel):
 
     _skip_if_empty: ClassVar[frozenset[str]] = frozenset()
     _timestamp_fields: ClassVar[frozenset[str]] = frozenset()
+    #: Dumps its keys sorted (a wrap serializer); see "fast dumps".
+    _sorts_keys: ClassVar[bool] = False
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -240,9 +303,25 @@ class LosslessModel(BaseModel):
 
     def model_dump_json(self, **kwargs: Any) -> str:
         """JSON as phi-core would write it (``exclude_unset`` defaults to True)."""
+        if kwargs.keys() <= {"indent", "exclude_unset"}:
+            return self.dump_json(indent=kwargs.get("indent")).decode()
         kwargs.setdefault("exclude_unset", True)
         self._materialize()
         return super().model_dump_json(**kwargs)
+
+    def dump_json(self, *, indent: int | None = None) -> bytes:
+        """``model_dump_json(indent=indent)`` as bytes, the way stores write it (see
+        "fast dumps" above: the same bytes, a third less CPU)."""
+        self._materialize()
+        _unsorted.seen = False
+        try:
+            data = _fast_serializer(type(self)).to_json(self, indent=indent, exclude_unset=True)
+            if not _unsorted.seen:
+                return data
+        except PydanticSerializationError:
+            if not _unsorted.seen:
+                raise
+        return self.__pydantic_serializer__.to_json(self, indent=indent, exclude_unset=True)
 
     def _materialize(self) -> None:
         """Fetch what a lazily loaded field still holds back (the serializer reads the

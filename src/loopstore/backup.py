@@ -27,12 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from loopstore import journal, ondisk
+from loopstore import journal, locations, ondisk
 from loopstore.backend import SessionHandle
 from loopstore.errors import SessionError, SessionNotFound, StorageError
 from loopstore.fsbackend import FileSystemBackend, check_backup_destination
 from loopstore.journal import Change
-from loopstore.locations import is_url, local_path, open_store, store_exists
 from loopstore.reports import VerifyReport
 from loopstore.store import READ_RETRIES, FileSystemSessionStore, SessionStore
 
@@ -301,9 +300,9 @@ def open_dest(store: SessionStore, dest: str | os.PathLike[str] | SessionStore) 
         if root is not None and source is not None:
             check_backup_destination(root, source=source)
         return dest
-    if is_url(dest):
-        return open_store(dest, lock_timeout=DEST_LOCK_TIMEOUT_S)
-    path = local_path(dest)
+    if locations.is_url(dest):
+        return locations.open_store(dest, lock_timeout=DEST_LOCK_TIMEOUT_S)
+    path = locations.local_path(dest)
     check_backup_destination(path, source=_fs_root(store))
     return FileSystemSessionStore(path, lock_timeout=DEST_LOCK_TIMEOUT_S)
 
@@ -388,7 +387,7 @@ def verify_backup(
     progress: ProgressFn | None = None,
 ) -> BackupVerifyReport:
     """Check `dest` on its own (verify()) and against the live source, session by session."""
-    if not isinstance(dest, SessionStore) and not store_exists(dest):
+    if not isinstance(dest, SessionStore) and not locations.store_exists(dest):
         raise StorageError(None, "no loopstore backup here (no store marker)", path=os.fspath(dest))
     dst = open_dest(store, dest)
     try:

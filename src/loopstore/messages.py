@@ -76,6 +76,8 @@ class SortedKeysModel(LosslessModel):
     into that order on dump, so even unknown keys come out where phi-core put them.
     """
 
+    _sorts_keys = True
+
     @model_serializer(mode="wrap")
     def _sorted_keys(self, handler: SerializerFunctionWrapHandler) -> Any:
         data = handler(self)

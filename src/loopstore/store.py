@@ -154,7 +154,7 @@ class _Dumped:
 def _dump_loop(loop: LoopRecord) -> _Dumped:
     if not isinstance(loop, LoopRecord):
         loop = LoopRecord.model_validate(loop)
-    raw = loop.model_dump_json(indent=ondisk.JSON_INDENT).encode()
+    raw = loop.dump_json(indent=ondisk.JSON_INDENT)
     status = loop.status
     return _Dumped(
         loop_id=loop.loop_id,
