@@ -400,9 +400,7 @@ def test_fast_dump_is_the_exact_dump() -> None:
     for path in FIXTURES:
         session = Session.model_validate_json(load_fixture_text(path))
         for model in (session, *session.loops):
-            exact = type(model).__pydantic_serializer__.to_json(
-                model, indent=2, exclude_unset=True
-            )
+            exact = type(model).__pydantic_serializer__.to_json(model, indent=2, exclude_unset=True)
             assert model.dump_json(indent=2) == exact
     data = json.loads(load_fixture_text(FIXTURES[0]))
     message = data["loops"][0]["messages"][0]
