@@ -88,7 +88,6 @@ def test_manifest_round_trip() -> None:
     assert back.generation == 7 and back.committed_at_ns == 123
     assert back.loops == m.loops and dict(back.header) == header
     assert back.checksum == m.checksum
-    assert back.loop_positions == {"l0": 0, "l1": 1, "l2": 2}
 
 
 def test_manifest_bit_rot_is_detected() -> None:
@@ -137,6 +136,7 @@ def test_incremental_decode_matches_full_decode() -> None:
     base = _entries(5)
     data1, _ = ondisk.encode_manifest("s", 1, 1, header, base)
     prev = ondisk.decode_manifest(data1, session_id="s", path=P)
+    known = ondisk.known_lines(prev.loops)
     changed = (
         *base[:2],
         ondisk.LoopEntry("l2", "f" * 32, 1, 1, "Rejected", "t", "u", "l1"),
@@ -146,10 +146,10 @@ def test_incremental_decode_matches_full_decode() -> None:
     for entries in (changed, (), base[:1], base):
         data, _ = ondisk.encode_manifest("s", 2, 2, {**header, "x": 1}, entries)
         full = ondisk.decode_manifest(data, session_id="s", path=P)
-        inc = ondisk.decode_manifest(data, session_id="s", path=P, previous=prev)
+        inc = ondisk.decode_manifest(data, session_id="s", path=P, known=known)
         assert inc.loops == full.loops == entries
         assert dict(inc.header) == dict(full.header) and inc.generation == 2
         for e in inc.loops:
             assert json.loads(e.encoded)["loop_id"] == e.loop_id
     empty, _ = ondisk.encode_manifest("s", 3, 3, header, ())
-    assert ondisk.decode_manifest(empty, session_id="s", path=P, previous=prev).loops == ()
+    assert ondisk.decode_manifest(empty, session_id="s", path=P, known=known).loops == ()

@@ -100,11 +100,9 @@ def tmp_name(tag: str = "") -> str:
     return f"{os.getpid()}-{threading.get_ident():x}-{secrets.token_hex(6)}{tag}.tmp"
 
 
-def create_file(dir_fd: int, name: str, data: bytes, *, point: str | None) -> None:
-    """Create `name` exclusively and write `data`; fsync at `point` (None: no fsync).
-
-    On error the file is removed.
-    """
+def write_new(dir_fd: int, name: str, data: bytes) -> int:
+    """Create `name` exclusively and write `data`; returns the open descriptor (the
+    caller syncs and closes it). On error the file is removed."""
     fd = os.open(
         name,
         os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
@@ -112,8 +110,22 @@ def create_file(dir_fd: int, name: str, data: bytes, *, point: str | None) -> No
         dir_fd=dir_fd,
     )
     try:
+        write_all(fd, data)
+    except BaseException:
+        os.close(fd)
+        unlink_quiet(dir_fd, name)
+        raise
+    return fd
+
+
+def create_file(dir_fd: int, name: str, data: bytes, *, point: str | None) -> None:
+    """Create `name` exclusively and write `data`; fsync at `point` (None: no fsync).
+
+    On error the file is removed.
+    """
+    fd = write_new(dir_fd, name, data)
+    try:
         try:
-            write_all(fd, data)
             if point is not None:
                 sync(fd, point)
         finally:

@@ -293,8 +293,13 @@ class SessionState:
             r = self.replaced.get(pos)
             if r is None or r.blob == digest:
                 return True
-        return any(e.blob == digest for e in self.appended) or any(
-            e.blob == digest for e in self.replaced.values()
+        return digest in self._journal_named
+
+    @cached_property
+    def _journal_named(self) -> frozenset[str]:
+        """Blobs the records since the checkpoint name (appended or replacing)."""
+        return frozenset(e.blob for e in self.appended).union(
+            e.blob for e in self.replaced.values()
         )
 
     @property

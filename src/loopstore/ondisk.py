@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from operator import attrgetter
@@ -503,22 +503,6 @@ class Manifest:
     def header_json(self) -> bytes:
         return json.dumps(dict(self.header), ensure_ascii=False, separators=(",", ":")).encode()
 
-    @cached_property
-    def loop_positions(self) -> dict[str, int]:
-        """loop_id -> position of its first occurrence."""
-        ids = list(map(_loop_id_of, self.loops))
-        # Written last to first, so the first occurrence of a duplicate id wins.
-        return dict(zip(reversed(ids), range(len(ids) - 1, -1, -1), strict=True))
-
-    @cached_property
-    def blobs(self) -> frozenset[str]:
-        return frozenset(map(_blob_of, self.loops))
-
-    @cached_property
-    def by_line(self) -> dict[bytes, LoopEntry]:
-        """Each entry by its encoded line (for incremental decoding of a successor)."""
-        return {e.encoded: e for e in self.loops}
-
     @property
     def agent_id(self) -> str | None:
         value = self.header.get("agent_id")
@@ -649,18 +633,23 @@ def _split_loops(data: bytes) -> tuple[bytes, list[bytes]] | None:
     return None
 
 
+def known_lines(entries: Iterable[LoopEntry]) -> dict[bytes, LoopEntry]:
+    """Entries by their encoded line, for decoding a successor checkpoint incrementally."""
+    return {e.encoded: e for e in entries}
+
+
 def _decode_incremental(
-    data: bytes, previous: Manifest
+    data: bytes, known: Mapping[bytes, LoopEntry]
 ) -> tuple[dict[str, Any], tuple[LoopEntry, ...]] | None:
-    """Parse only the lines `previous` did not have (a hot session's manifest changes
-    by a line or two per commit); None if the layout is not the one we write."""
+    """Parse only the lines `known` lacks (a fold rewrites a checkpoint that other
+    processes have already parsed, plus what its journal added); None if the layout is
+    not the one we write."""
     split = _split_loops(data)
     if split is None:
         return None
     head, lines = split
     try:
         doc = json.loads(head)
-        known = previous.by_line
         entries = tuple(
             known.get(line) or LoopEntry.from_json(json.loads(line), line) for line in lines
         )
@@ -677,16 +666,16 @@ def decode_manifest(
     session_id: str,
     path: Path | None,
     checksum: str | None = None,
-    previous: Manifest | None = None,
+    known: Mapping[bytes, LoopEntry] | None = None,
 ) -> Manifest:
     """Parse and verify a manifest (checksum first, then structure).
 
-    `previous` (an older manifest of the same session) lets unchanged loop entries
-    be reused instead of parsed again.
+    `known` (`known_lines` of an older state of the same session) lets unchanged loop
+    entries be reused instead of parsed again.
     """
     if checksum is None:
         checksum = manifest_checksum(data, session_id=session_id, path=path)
-    fast = _decode_incremental(data, previous) if previous is not None else None
+    fast = _decode_incremental(data, known) if known else None
     if fast is not None:
         doc, entries = fast
         loops: object = []

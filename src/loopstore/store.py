@@ -375,9 +375,14 @@ class SessionStore:
             except KeyError:
                 break
 
-    def _parse_manifest(self, session_id: str, data: bytes) -> ondisk.Manifest:
+    def _parse_manifest(
+        self, session_id: str, data: bytes, prior: SessionState | None = None
+    ) -> ondisk.Manifest:
+        """Decode a checkpoint; entries of `prior` (an older state of this session,
+        typically the one a fold just rewrote) are reused, not parsed again."""
+        known = ondisk.known_lines(prior.entries) if prior is not None else None
         try:
-            return ondisk.decode_manifest(data, session_id=session_id, path=None)
+            return ondisk.decode_manifest(data, session_id=session_id, path=None, known=known)
         except (CorruptSession, UnsupportedFormat) as exc:
             raise type(exc)(
                 session_id, exc.cause, path=self._path(session_id, ondisk.MANIFEST_NAME)
@@ -408,7 +413,7 @@ class SessionStore:
                 if got is None:
                     return None
                 data, tail = got
-                m = self._parse_manifest(sid, data)
+                m = self._parse_manifest(sid, data, cached.state if cached else None)
                 state, cursor, sealed = SessionState.from_manifest(m, len(data)), 0, False
             read = h.read_frames(state.checkpoint_generation, cursor, for_write=for_write)
             if read is None and state.checkpoint_version >= 2 and h.manifest_id() != tail:
