@@ -633,6 +633,11 @@ def _split_loops(data: bytes) -> tuple[bytes, list[bytes]] | None:
     return None
 
 
+_MANIFEST_KEYS: Final = frozenset(
+    ("format", "version", "session_id", "generation", "committed_at_ns", "header", "loops")
+) | {"checksum"}
+
+
 def known_lines(entries: Iterable[LoopEntry]) -> dict[bytes, LoopEntry]:
     """Entries by their encoded line, for decoding a successor checkpoint incrementally."""
     return {e.encoded: e for e in entries}
@@ -723,9 +728,7 @@ def decode_manifest(
                 entries = tuple(map(LoopEntry.from_json, loops, lines))
         except ValueError as exc:
             raise CorruptSession(session_id, f"bad manifest: {exc}", path=path) from None
-    known = {"format", "version", "session_id", "generation", "committed_at_ns"}
-    known |= {"header", "loops", "checksum"}
-    extra = {k: v for k, v in doc.items() if k not in known}
+    extra = {k: v for k, v in doc.items() if k not in _MANIFEST_KEYS}
     return Manifest(
         session_id,
         generation,
