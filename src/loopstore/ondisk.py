@@ -634,8 +634,17 @@ def _split_loops(data: bytes) -> tuple[bytes, list[bytes]] | None:
 
 
 _MANIFEST_KEYS: Final = frozenset(
-    ("format", "version", "session_id", "generation", "committed_at_ns", "header", "loops")
-) | {"checksum"}
+    (
+        "format",
+        "version",
+        "session_id",
+        "generation",
+        "committed_at_ns",
+        "header",
+        "loops",
+        "checksum",
+    )
+)
 
 
 def known_lines(entries: Iterable[LoopEntry]) -> dict[bytes, LoopEntry]:
