@@ -16,7 +16,8 @@ pytest::
     with seaweedfs() as s3:
         client = s3.boto3_client()
 
-or run ``python tests/s3server.py`` to serve until Ctrl-C (prints the endpoint).
+or run ``python tests/s3server.py`` to serve until Ctrl-C (prints the endpoint), or
+``python tests/s3server.py -- COMMAND ...`` to run one command against a fresh server.
 """
 
 from __future__ import annotations
@@ -943,13 +944,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--fake", action="store_true", help="serve the condition-ignoring fake instead"
     )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="run this command with the server's AWS_* variables set, then stop the server "
+        "and exit with the command's status (e.g. -- loopstore --root s3://loopstore-test/x ls)",
+    )
     args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
     with contextlib.ExitStack() as stack:
         server: _ServerBase
         if args.fake:
             server = stack.enter_context(condition_ignoring_s3(bucket=args.bucket))
         else:
             server = stack.enter_context(seaweedfs(args.root, bucket=args.bucket))
+        if command:
+            env = {**os.environ, **server.env()}
+            return subprocess.run(command, env=env, check=False).returncode
         for name, value in {**server.env(), "S3_BUCKET": server.bucket}.items():
             print(f"export {name}={value}")
         sys.stdout.flush()

@@ -1339,7 +1339,7 @@ def test_an_s3_root_goes_through_open_store(
     assert (code, out) == (3, "") and "no loopstore store at s3://bucket/typo" in err
     assert run_json(capsys, "--root", "s3://bucket/typo", "ls")["exists"] is False
     assert not [loc for loc, _ in s3_routes if loc == "s3://bucket/typo"]
-    code, _, err = run(capsys, "--root", URL, "demo")
+    code, _, err = run(capsys, "--root", URL, "demo", "--fresh")
     assert code == 2 and err.count("\n") == 1 and "directory store" in err
 
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from rich.console import Console
@@ -24,6 +25,9 @@ from loopstore.demo import (
     check_options,
     run_demo,
 )
+
+if TYPE_CHECKING:
+    from s3server import SeaweedFSServer
 
 SCRIPT = Path(sys.executable).with_name("loopstore")
 WAIT_S = 120.0
@@ -76,6 +80,48 @@ def test_run_demo_end_to_end(tmp_path: Path) -> None:
         root, workers=2, sessions=3, loops=3, seed=4, loop_bytes=20_000, fresh=True, console=console
     )
     assert fresh.verify_ok and fresh.loops == result.loops
+
+
+def test_run_demo_on_a_bucket(
+    seaweedfs: SeaweedFSServer, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers open s3:// through the standard AWS configuration (the environment)."""
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    url = f"s3://{seaweedfs.bucket}/{s3_prefix}"
+    out = io.StringIO()
+    result = run_demo(
+        url,
+        workers=2,
+        sessions=3,
+        loops=2,
+        seed=4,
+        loop_bytes=20_000,
+        console=Console(file=out, width=120),
+    )
+    assert result.verify_ok and result.owned and result.loops_recorded == 6
+    assert "verify: OK" in out.getvalue() and f"created by the demo at {url}" in out.getvalue()
+    from loopstore.locations import open_store
+
+    with open_store(url) as store:
+        assert store.stats().loops == result.loops
+        shared = store.load(result.tree_session_id or "")
+        assert {lp.loop_id.split(".")[1] for lp in shared.loops} == {"w0", "w1"}
+    with pytest.raises(DemoUsageError, match="holds a store"):
+        run_demo(url, workers=1, sessions=1, loops=1, console=quiet())
+    with pytest.raises(DemoUsageError, match="directory store"):
+        run_demo(url, workers=1, sessions=1, loops=1, fresh=True, console=quiet())
+    more = run_demo(
+        url,
+        workers=1,
+        sessions=1,
+        loops=1,
+        seed=9,
+        loop_bytes=20_000,
+        add_to_existing=True,
+        console=quiet(),
+    )
+    assert more.verify_ok and not more.owned and more.loops > result.loops
 
 
 def test_fresh_refuses_to_empty_what_the_demo_did_not_create(tmp_path: Path) -> None:

@@ -1612,11 +1612,6 @@ def cmd_rm(ctx: Ctx, args: argparse.Namespace) -> int:
 def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
     from loopstore import demo
 
-    if ctx.local_root is None:
-        raise CliError(
-            f"demo: records into a directory store; --root {ctx.location} is not one",
-            EXIT_USAGE,
-        )
     kwargs: dict[str, Any] = {}
     for name in ("workers", "sessions", "loops", "seed"):
         value = getattr(args, name)
@@ -1626,7 +1621,7 @@ def cmd_demo(ctx: Ctx, args: argparse.Namespace) -> int:
         if getattr(args, flag):
             kwargs[flag] = True
     try:
-        result = demo.run_demo(ctx.local_root, console=ctx.out, **kwargs)
+        result = demo.run_demo(ctx.local_root or ctx.location, console=ctx.out, **kwargs)
     except demo.DemoUsageError as exc:  # options out of bounds, a root it may not use
         raise CliError(f"demo: {exc}", EXIT_USAGE) from exc
     except KeyboardInterrupt:

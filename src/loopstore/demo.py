@@ -9,9 +9,11 @@ vs stored bytes, a loop tree of one session, and a `verify` result.
 The demo writes only into a store it created: an empty or missing directory becomes a
 store marked with `DEMO_MARKER`. A non-empty directory without that marker is refused,
 unless `add_to_existing` is given and it is a loopstore store; `fresh` empties only a
-marked store. Options are bounded (`MAX_*`) so a typo cannot fill the disk. Ctrl-C stops
-the workers between two events (they ignore SIGINT; the parent asks them to stop, then
-terminates any that do not) and re-raises `KeyboardInterrupt` in the caller.
+marked store. An `s3://` root gets demo data when no store is there yet (or with
+`add_to_existing`); `fresh` is for directories only. Options are bounded (`MAX_*`) so a
+typo cannot fill the disk. Ctrl-C stops the workers between two events (they ignore
+SIGINT; the parent asks them to stop, then terminates any that do not) and re-raises
+`KeyboardInterrupt` in the caller.
 """
 
 from __future__ import annotations
@@ -153,7 +155,7 @@ class _WorkerArgs:
 class DemoResult:
     """What the demo did and what the store holds afterwards."""
 
-    root: Path
+    root: Path | str
     workers: int
     sessions: int
     loops: int
@@ -213,12 +215,12 @@ def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]], stop: Even
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
+    from loopstore.locations import open_store
     from loopstore.recorder import SessionRecorder
-    from loopstore.store import FileSystemSessionStore
     from loopstore.synth import generate_events
 
     try:
-        store = FileSystemSessionStore(args.root)
+        store = open_store(args.root)
         recorder = SessionRecorder(store=store)
         done = 0
         for job in args.jobs:
@@ -291,6 +293,24 @@ def _prepare_root(root: Path, *, fresh: bool, add_to_existing: bool) -> bool:
             f"refusing to add demo data to {root}: it is a store `loopstore demo` did not "
             f"create (no {DEMO_MARKER}); choose a new or empty directory, or pass "
             "--add-to-existing to add to it anyway"
+        )
+    return False
+
+
+def _prepare_url(location: str, *, fresh: bool, add_to_existing: bool) -> bool:
+    """The object-store twin of `_prepare_root`: True when no store is there yet."""
+    from loopstore.locations import store_exists
+
+    if fresh:
+        raise DemoUsageError(
+            f"--fresh empties a directory store; for {location} choose a new prefix"
+        )
+    if not store_exists(location):
+        return True
+    if not add_to_existing:
+        raise DemoUsageError(
+            f"refusing to add demo data to {location}: it holds a store; choose a new "
+            "prefix, or pass --add-to-existing to add to it anyway"
         )
     return False
 
@@ -489,13 +509,17 @@ def run_demo(
     from rich.table import Table
     from rich.text import Text
 
-    from loopstore.store import FileSystemSessionStore
+    from loopstore.locations import is_url, open_store
 
     workers = check_options(workers, sessions, loops, seed, loop_bytes)
     out = console if console is not None else Console()
-    root_path = Path(root) if root is not None else DEFAULT_ROOT
-    owned = _prepare_root(root_path, fresh=fresh, add_to_existing=add_to_existing)
-    store = FileSystemSessionStore(root_path)
+    url = root is not None and is_url(root)
+    root_path: Path | str = str(root) if url else Path(root or DEFAULT_ROOT)
+    if isinstance(root_path, Path):
+        owned = _prepare_root(root_path, fresh=fresh, add_to_existing=add_to_existing)
+    else:
+        owned = _prepare_url(root_path, fresh=fresh, add_to_existing=add_to_existing)
+    store = open_store(root_path)
 
     per_worker, session_ids, total_loops = _plan(workers, sessions, loops, seed)
     out.print(
@@ -578,7 +602,9 @@ def run_demo(
         out.print(Text(f"verify: {len(problems)} problem(s)", style="red"))
         for line in problems:
             out.print(Text(f"  {line}", style="red"))
-    if owned:
+    if owned and url:
+        out.print(Text(f"This store was created by the demo at {root_path}."))
+    elif owned:
         out.print(
             Text(
                 f"This store was created by the demo ({DEMO_MARKER}): `loopstore --root "
