@@ -32,6 +32,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path, PurePath
@@ -69,6 +70,9 @@ if TYPE_CHECKING:
 
 GC_GRACE_S: Final = 15 * 60.0
 #: gc spares unreferenced files younger than this: a reader may still be reading them.
+SCAN_THREADS: Final = 16
+#: Sessions read at once when a listing reads every session (an object store, which has
+#: no catalog, answers each read in a network round trip; threads overlap them).
 READ_RETRIES: Final = 8
 #: A reader re-reads the state this often when blobs keep vanishing (deletes, gc, folds).
 STATE_CACHE_SIZE: Final = 256
@@ -1264,7 +1268,7 @@ class SessionStore:
         (`catalog.ORDERS`: active, created, size, loops, id, agent)."""
         current = self._catalog(progress)
         if current is None:
-            rows = [Summary.of(self.session_state(sid)) for sid in self._readable_ids()]
+            rows, _damaged = self._scan()
             return _sort_summaries(rows, agent_id, order, limit, reverse)
         catalog, overlay = current
         more = None if limit is None else limit + len(overlay)
@@ -1279,23 +1283,25 @@ class SessionStore:
         """(session_id, cause) of sessions the listing could not read."""
         current = self._catalog()
         if current is None:
-            out: list[tuple[str, str]] = []
-            for sid in sorted(self._backend.list_sessions()):
-                item = self._summary(sid)
-                if isinstance(item, SessionError):
-                    out.append((sid, item.cause))
-            return out
+            return self._scan()[1]
         catalog, overlay = current
         damaged = [(sid, cause) for sid, cause in catalog.damaged() if sid not in overlay]
         damaged += [(sid, e.cause) for sid, e in overlay.items() if isinstance(e, SessionError)]
         return sorted(damaged)
 
-    def _readable_ids(self) -> list[str]:
-        return [
-            sid
-            for sid in sorted(self._backend.list_sessions())
-            if isinstance(self._summary(sid), Summary)
+    def _scan(self) -> tuple[list[Summary], list[tuple[str, str]]]:
+        """Every session read directly (a store without a catalog), SCAN_THREADS at a
+        time: summaries, and (session_id, cause) of the sessions that cannot be read."""
+        ids = sorted(self._backend.list_sessions())
+        with ThreadPoolExecutor(max(1, min(SCAN_THREADS, len(ids)))) as pool:
+            items = list(pool.map(self._summary, ids))
+        rows = [item for item in items if isinstance(item, Summary)]
+        damaged = [
+            (sid, item.cause)
+            for sid, item in zip(ids, items, strict=True)
+            if isinstance(item, SessionError)
         ]
+        return rows, damaged
 
     def list_ids(self) -> list[str]:
         """Every stored session, most recently active first.
@@ -1303,6 +1309,10 @@ class SessionStore:
         Order: header `last_active_at` descending, then last commit time descending.
         A session that cannot be read is listed last (load() will report it).
         """
+        if self._backend.catalog is None:
+            rows, broken = self._scan()
+            ordered = _sort_summaries(rows, None, "active", None, False)
+            return [s.session_id for s in ordered] + [sid for sid, _cause in broken]
         damaged = [sid for sid, _cause in self.damaged_sessions()]
         return [s.session_id for s in self.sessions()] + damaged
 
