@@ -1211,6 +1211,11 @@ class FileSystemBackend:
         """Rename the session directory into tmp/ (atomic, fsynced), then remove it there."""
         return self._remove_dir(session_id)
 
+    def remove_remains(self, session_id: str) -> bool:
+        """Remove a session directory without a manifest (a crash left it; gc's
+        "incomplete session"), the same way."""
+        return self._remove_dir(session_id)
+
     def _remove_dir(self, session_id: str) -> bool:
         path = self.layout.session_dir(session_id)
         grave = f"{ondisk.DELETED_PREFIX}{atomic.tmp_name()}"

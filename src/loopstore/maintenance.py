@@ -321,7 +321,7 @@ def _gc_session(
         age = b.session_dir_age(sid)
         if age is not None and age >= grace:
             if not dry_run:
-                b.delete(sid)
+                b.remove_remains(sid)
             report.dirs_removed += 1
         elif age is not None:
             report.kept_young += 1

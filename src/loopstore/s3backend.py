@@ -109,8 +109,6 @@ CACHE_BYTES: Final = 64 << 20
 #: Record bodies kept per store (a fold's blobs are read from them, not fetched again).
 READ_AHEAD: Final = 16
 #: Blobs fetched ahead while a reader walks a checkpoint's loops in order.
-INTENT_S: Final = 10.0
-#: How long a `has_manifest` answer authorizes `delete` to tombstone a live session.
 
 _GENERATION_RE = re.compile(rb',"generation":(\d+),"committed_at_ns":')
 _BLOB_RE = re.compile(rb'"blob":"([0-9a-f]{32})"')
@@ -751,7 +749,6 @@ class S3Backend:
         self._listed_blobs: dict[tuple[str, str], float] = {}
         self._own: OrderedDict[tuple[str, int], int] = OrderedDict()
         self._own_lock = threading.Lock()
-        self._intent = threading.local()
         self._no_conditional_delete = False
         self._pid = -1
         self._pool: ThreadPoolExecutor | None = None
@@ -1368,9 +1365,7 @@ class S3Backend:
     def has_manifest(self, session_id: str) -> bool:
         """True for a live session (a manifest, and no tombstone after it)."""
         t = self.tip(session_id)
-        live = t is not None and not t.deleted
-        self._intent.value = (session_id, time.monotonic()) if live else None
-        return live
+        return t is not None and not t.deleted
 
     def create(self, session_id: str, manifest: bytes, first: bytes) -> None:
         """Publish a new session whole: its first record folded into a checkpoint.
@@ -1489,27 +1484,19 @@ class S3Backend:
         return top
 
     def delete(self, session_id: str) -> bool:
-        """Delete a session: a tombstone record, then its objects.
+        """Delete a live session (the store's delete): a tombstone record, then its objects.
 
-        Called right after `has_manifest` said the session is live (the store's
-        delete), the tombstone is committed by compare-and-swap at the next sequence
-        number (retried within lock_timeout): a concurrent append either takes its
-        number first (and the tombstone lands after it) or conflicts and finds the
-        session deleted. Then the manifest goes (readers: not found), then every other
-        object but the tombstone (see the module docstring).
-
-        Called otherwise (gc removing a session without a live manifest), only what a
-        deleted or never-published session left behind is removed: a live session is
-        never touched. Returns True if anything was removed.
+        The tombstone is committed by compare-and-swap at the next sequence number
+        (retried within lock_timeout): a concurrent append either takes its number
+        first (and the tombstone lands after it) or conflicts and finds the session
+        deleted. Then the manifest goes (readers: not found), then every other object
+        but the tombstone (see the module docstring).
         """
-        intent = getattr(self._intent, "value", None)
-        self._intent.value = None
-        if (
-            intent is not None
-            and intent[0] == session_id
-            and time.monotonic() - intent[1] < INTENT_S
-        ):
-            return self._delete_live(session_id)
+        return self._delete_live(session_id)
+
+    def remove_remains(self, session_id: str) -> bool:
+        """Remove only what a deleted or never-published session left behind (gc); a
+        live session is never touched. True if anything was removed."""
         return self._remove_remains(session_id)
 
     def _delete_live(self, session_id: str) -> bool:
