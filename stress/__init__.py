@@ -1,1 +1,1 @@
-"""Multi-process stress suite for loopstore: `python -m stress` (see docs/readme-stress.md)."""
+"""Multi-process stress suite for loopstore: `python -m stress` (see README "Stress suite")."""

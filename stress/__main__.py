@@ -1,4 +1,4 @@
-"""`python -m stress`: hammer one loopstore from many processes and check DESIGN §4 holds.
+"""`python -m stress`: hammer one loopstore from many processes and check the store's promises hold.
 
 Exit status: 0 when every invariant held, 1 when any was violated (evidence printed),
 2 on a usage error or when a scenario could not run.

@@ -589,19 +589,40 @@ class _CommitsBeforeDestLock(FileSystemSessionStore):
             yield
 
 
-def test_verify_backup_calls_a_state_the_source_had_behind(tmp_path: Path) -> None:
+def test_a_backup_publishes_the_state_the_source_holds_under_the_dest_lock(
+    tmp_path: Path,
+) -> None:
+    """The source commits between the backup's read and its taking of dest's lock: the
+    backup reads again, so it never publishes an older state than the source had then
+    (two backups into one dest cannot move a session back in time)."""
     src = _store(tmp_path / "src")
     _populate(src, sessions=1)
     dst = _CommitsBeforeDestLock(tmp_path / "bk", durable=False)
     backup(src, dst)
     src.append_loop("sess-0", make_loop("sess-0", 3))
-    read = workers.snapshot(src, "sess-0")  # what the next backup reads
-
     dst.before_lock = lambda sid: src.append_loop(sid, make_loop(sid, 4))
     assert backup(src, dst).ok
-    assert workers.snapshot(dst, "sess-0") == read  # a state the source had: behind
+    assert workers.snapshot(dst, "sess-0") == workers.snapshot(src, "sess-0")
+    assert verify_backup(src, dst).current == ["sess-0"]
+
+
+def test_verify_backup_calls_a_state_the_source_had_behind(tmp_path: Path) -> None:
+    """An updated dest session carries its source state's commit time, so verify_backup
+    orders it correctly against the source's later commits."""
+    src = _store(tmp_path / "src")
+    _populate(src, sessions=1)
+    dst = _store(tmp_path / "bk")
+    backup(src, dst)
+    src.append_loop("sess-0", make_loop("sess-0", 3))
+    assert backup(src, dst).sessions_updated == 1  # a record in dest, not a new session
+    copied = workers.snapshot(dst, "sess-0")
+    assert dst.session_state("sess-0").committed_at_ns == (
+        src.session_state("sess-0").committed_at_ns
+    )
+    src.append_loop("sess-0", make_loop("sess-0", 4))
     check = verify_backup(src, dst)
     assert check.behind == ["sess-0"] and check.ok, check
+    assert workers.snapshot(dst, "sess-0") == copied
 
 
 def test_backup_repairs_a_damaged_blob_in_the_backup(tmp_path: Path) -> None:

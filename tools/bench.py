@@ -3,8 +3,8 @@
     python tools/bench.py [--quick | --long] [--json FILE] [--dir DIR] [--procs 8]
 
 Every baseline runs in the same run, on the same disk (the scratch directory, a temp dir
-unless --dir). loopstore is reached through its public API only, so this measures
-format v1 today and v2 when it lands. Issue targets in brackets:
+unless --dir). loopstore is reached through its public API only. Issue targets in
+brackets:
 
 1. durable `append_loop` latency at N = 2 vs N = 10,000 loops already in the session
    [<= 1.3x]; --long adds N = 100,000. Big sessions are built with durable=False
@@ -30,8 +30,8 @@ anything is timed; every append gets a fresh loop id, so a fresh blob. Multi-pro
 rows run for a fixed time after a warm-up, rounds interleave loopstore and SQLite, and
 the median round is reported (the reference machine is a noisy, shared 2-core VM;
 the load average is printed at the start and the end).
-On that VM with format v1: --quick about 1.5 minutes, the default about 4, --long about
-9 (building and syncing the 100,000-loop session is most of the extra).
+On that VM: --quick about 1 minute, the default about 3, --long a few minutes more
+(building and syncing the 100,000-loop session is most of the extra).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ cache, the same disk:
 * second backup after the change (hard links, and copy mode): time and bytes written;
 * `shutil.copytree` of the whole store directory (what a naive full copy costs);
 * `rsync -a` of the live store onto its previous copy, when rsync is installed
-  (cheap too, but not consistent while writers commit: see docs/readme-backup.md).
+  (cheap too, but not consistent while writers commit: see README "Backups").
 
 Medians of `repeat` runs (os.sync() before each); each second backup runs on its own
 copy of the first one.
@@ -90,10 +90,8 @@ def summary(r: BackupReport) -> dict[str, Any]:
         "bytes_copied",
         "files_skipped",
         "bytes_skipped",
-        "files_removed",
-        "bytes_removed",
-        "manifests_written",
-        "manifest_bytes",
+        "sessions_removed",
+        "blobs_verified",
     )
     return {k: getattr(r, k) for k in keys}
 
@@ -171,13 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"copytree (full copy): {out['copytree_full']['s'] * 1000:8.1f} ms, {size:,} B")
         print(
             f"second backup (link): {sl['s'] * 1000:8.1f} ms, {sl['files_linked']} blobs linked "
-            f"({sl['bytes_linked']:,} B shared), {sl['manifests_written']} manifests "
-            f"({sl['manifest_bytes']:,} B), {sl['files_skipped']} skipped, "
-            f"{sl['files_removed']} removed"
+            f"({sl['bytes_linked']:,} B shared), {sl['sessions_updated']} sessions updated, "
+            f"{sl['files_skipped']} skipped, {sl['blobs_verified']} hash-checked"
         )
         print(
             f"second backup (copy): {sc['s'] * 1000:8.1f} ms, {sc['files_copied']} blobs copied "
-            f"({sc['bytes_copied']:,} B) + {sc['manifest_bytes']:,} B of manifests"
+            f"({sc['bytes_copied']:,} B), {sc['sessions_updated']} sessions updated"
         )
         print(
             f"copytree after change:{out['copytree_after_change']['s'] * 1000:8.1f} ms, {size2:,} B"

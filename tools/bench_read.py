@@ -2,12 +2,13 @@
 
     python tools/bench_read.py [--quick | --long] [--json FILE] [--dir DIR]
 
-Everything goes through loopstore's public API and the `loopstore` command, so this
-measures format v1 today and v2 when it lands. Issue targets in brackets:
+Everything goes through loopstore's public API and the `loopstore` command. Issue
+targets in brackets:
 
 1. `load()` of a 100-loop session into models vs SQLite rows + one
    `LoopRecord.model_validate_json` per loop [<= 0.8x]; and "header + one loop":
-   `store.load(sid).loops[k]` vs SQLite header row + one row + model [moonshot <= 0.3x]
+   `store.load(sid, lazy=True).loops[k]` vs SQLite header row + one row + model
+   [moonshot <= 0.3x]
 2. `load_loop()` vs SQLite one row + model [<= 1.0x]
 3. raw JSON: `store.load_json(sid) -> bytes` and `store.iter_loop_json(sid)` (v2 API;
    "n/a (API not present)" when the store has no such attribute) vs the physical cost
@@ -26,9 +27,9 @@ measures format v1 today and v2 when it lands. Issue targets in brackets:
 Workload: `loopstore.synth` loops of 32-800 KB of JSON (median ~240 KB) for rows 1-3,
 small synth loops (15-25 KB) for listings. Timings alternate between loopstore and the
 baseline and report medians (the reference machine is a noisy, shared 2-core VM).
-On that VM with format v1, --quick and the default take 3-4 minutes, most of it v1's
-`export-legacy --all` and `backup` of the 10,000-session store (one fsync per file);
---long adds the 100,000-session store (build and commands: several times that again).
+On that VM --quick takes about 3.5 minutes, most of it `backup` and `export-legacy --all`
+of the 10,000-session store; --long adds the 100,000-session store (build and
+commands: several times that again).
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def bench_session(base: Path, quick: bool) -> dict[str, Any]:
 
     def ls_one() -> None:
         k = next_k()
-        assert store.load(sid).loops[k].loop_id == ids[k]
+        session = store.load(sid, lazy=True)  # the header now, a loop when touched
+        assert session.agent_id and session.loops[k].loop_id == ids[k]
 
     def sq_one() -> None:
         k = next_k()
@@ -364,7 +366,7 @@ def rows_of(res: dict[str, Any]) -> list[bl.Row]:
     a, b = s["load"]["loopstore_s"], s["load"]["sqlite_s"]
     rows.append(bl.compare("1", "load() of 100 loops into models", a, b, op="<=", goal=0.8))
     a, b = s["header_one"]["loopstore_s"], s["header_one"]["sqlite_s"]
-    measure = "header + one loop: load(sid).loops[k]"
+    measure = "header + one loop: load(sid, lazy=True).loops[k]"
     rows.append(
         bl.compare("1", measure, a, b, op="<=", goal=0.3, target="moonshot <= 0.3x"),
     )

@@ -1,6 +1,6 @@
 """loopstore: AI-agent sessions in a shared directory or bucket, safe for many processes.
 
-The names below are the public contract of DESIGN.md section 1. They are imported on
+The names below are the public API (README "In a program"). They are imported on
 first use (PEP 562), so `import loopstore` and the command line start without building
 the pydantic models until something needs them.
 """

@@ -171,14 +171,17 @@ class AsyncSessionStore(Generic[S]):
 
     async def backup(
         self,
-        dest: str | os.PathLike[str],
+        dest: str | os.PathLike[str] | SessionStore,
         *,
         prune: bool = True,
         progress: ProgressFn | None = None,
         link: bool = True,
+        check: bool = False,
     ) -> BackupReport:
         return await asyncio.to_thread(
-            lambda: self.sync.backup(dest, prune=prune, progress=progress, link=link)
+            lambda: self.sync.backup(
+                dest, prune=prune, progress=progress, link=link, check=check
+            )
         )
 
     @contextlib.asynccontextmanager

@@ -1,4 +1,4 @@
-"""The one interface between the store's commit logic and storage (DESIGN section 7).
+"""The one interface between the store's commit logic and storage (docs/FORMAT.md).
 
 `Backend` is what a store needs from a place that keeps sessions: open a session,
 create one as a single atomic publication, delete one, list, and maintain. A

@@ -150,6 +150,11 @@ class _Damaged(Exception):
     """A source blob does not match its name: the session is not backed up."""
 
 
+class _Stale(Exception):
+    """The source committed after the backup read it: read it again (never install an
+    older state than the source has when the destination's lock is held)."""
+
+
 class _Vanished(Exception):
     """A blob the source state names is gone: a newer state (folded, collected) or damage."""
 
@@ -214,11 +219,25 @@ def _backup_session(run: _Run, sid: str) -> str:
     for _attempt in range(READ_RETRIES):
         try:
             return _backup_state(run, sid)
+        except _Stale:
+            continue
         except _Vanished as exc:
             if exc.version == last:
                 raise _Damaged(f"source is missing the blob of loop {exc.loop_id!r}") from None
             last = exc.version
     raise _Damaged(f"source session kept changing; gave up after {READ_RETRIES} reads")
+
+
+def _check_current(src: SessionStore, h: SessionHandle, state: journal.SessionState) -> None:
+    """Under the destination's lock, just before publishing: the source still holds
+    `state`. Two backups into one destination then never publish an older state over
+    a newer one (each publishes what the source had while it held the lock)."""
+    now = src.read_state(h)
+    if now is None or (now.state.generation, now.state.committed_at_ns) != (
+        state.generation,
+        state.committed_at_ns,
+    ):
+        raise _Stale
 
 
 def _backup_state(run: _Run, sid: str) -> str:
@@ -239,6 +258,7 @@ def _backup_state(run: _Run, sid: str) -> str:
                 dr = None  # a damaged copy is simply replaced
             if dh is None or dr is None:
                 blobs, links = _source_blobs(run, h, state)
+                _check_current(src, h, state)
                 linked, written = dst._install(state, blobs, links)
             else:
                 have = {d for d in sizes if dh.blob_size(d) == sizes[d]}
@@ -250,6 +270,7 @@ def _backup_state(run: _Run, sid: str) -> str:
                     report.bytes_skipped += sum(sizes.values())
                     return "unchanged"
                 blobs, links = _source_blobs(run, h, state)
+                _check_current(src, h, state)
                 todo = [b for b in blobs if b.digest not in have or b.digest in force]
                 linked, written = dh.materialize(todo, links=links, force=force)
                 report.files_skipped += len(blobs) - len(todo)

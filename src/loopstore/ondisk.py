@@ -777,8 +777,14 @@ def session_json(header: Mapping[str, Any], declared: list[str], loops: list[byt
     head = pydantic_core.to_json(ordered, indent=JSON_INDENT)
     if not loops:
         return head
-    body = b",\n    ".join(pretty_loop(raw).replace(b"\n", b"\n    ") for raw in loops)
-    return head.replace(_LOOPS_PLACEHOLDER, b'\n  "loops": [\n    ' + body + b"\n  ]", 1)
+    before, _, after = head.partition(_LOOPS_PLACEHOLDER)
+    parts = [before, b'\n  "loops": [\n    ']
+    for i, raw in enumerate(loops):
+        if i:
+            parts.append(b",\n    ")
+        parts.append(pretty_loop(raw).replace(b"\n", b"\n    "))
+    parts += (b"\n  ]", after)
+    return b"".join(parts)  # one copy of the whole document
 
 
 # --------------------------------------------------------------------------- time

@@ -1309,10 +1309,14 @@ class SessionStore:
         Order: header `last_active_at` descending, then last commit time descending.
         A session that cannot be read is listed last (load() will report it).
         """
-        if self._backend.catalog is None:
+        current = self._catalog()
+        if current is None:
             rows, broken = self._scan()
             ordered = _sort_summaries(rows, None, "active", None, False)
             return [s.session_id for s in ordered] + [sid for sid, _cause in broken]
+        catalog, overlay = current
+        if not overlay:
+            return catalog.ids() + [sid for sid, _cause in catalog.damaged()]
         damaged = [sid for sid, _cause in self.damaged_sessions()]
         return [s.session_id for s in self.sessions()] + damaged
 
@@ -1402,16 +1406,17 @@ class SessionStore:
 
     def backup(
         self,
-        dest: str | os.PathLike[str],
+        dest: str | os.PathLike[str] | SessionStore,
         *,
         prune: bool = True,
         progress: ProgressFn | None = None,
         link: bool = True,
+        check: bool = False,
     ) -> BackupReport:
         """A consistent, incremental snapshot of this live store in `dest` (loopstore.backup)."""
         from loopstore.backup import backup
 
-        return backup(self, dest, prune=prune, progress=progress, link=link)
+        return backup(self, dest, prune=prune, progress=progress, link=link, check=check)
 
 
 def _sort_summaries(

@@ -37,7 +37,7 @@ NAME = "retry-budget"
 SID = "contended"
 DEFAULT_SLACK_S = 0.5
 """Allowed lateness beyond budget + 2 polls. Measured on a 2-core machine shared with other
-jobs (see docs/readme-stress.md): overshoot past the budget median ~1 ms, p99 ~40 ms, worst
+jobs (see README "Stress suite"): overshoot past the budget median ~1 ms, p99 ~40 ms, worst
 ~0.2 s when the whole machine stalled; 0.5 s keeps CI reliable while a store that slept a
 whole extra budget (or never gave up) still fails loudly."""
 SHORT_HOLD_FRACTION = 0.15
