@@ -8,6 +8,7 @@ Timestamps are phi-core's exact RFC 3339 text; ``timestamp_dt`` gives a datetime
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -481,7 +482,12 @@ _KnownEvent = Annotated[
 
 AgentEvent = Annotated[_KnownEvent | UnknownEvent, Field(union_mode="left_to_right")]
 
-_AGENT_EVENT: TypeAdapter[Any] = TypeAdapter(AgentEvent)
+
+@functools.cache
+def _agent_event() -> TypeAdapter[Any]:
+    """Built on first use: the adapter's schema costs ~50 ms, and the command line's
+    listings never parse one."""
+    return TypeAdapter(AgentEvent)
 
 
 def parse_event(obj: Any) -> Any:
@@ -489,8 +495,8 @@ def parse_event(obj: Any) -> Any:
     if isinstance(obj, _Event):
         return obj
     if isinstance(obj, (str, bytes, bytearray)):
-        return _AGENT_EVENT.validate_json(obj)
-    return _AGENT_EVENT.validate_python(obj)
+        return _agent_event().validate_json(obj)
+    return _agent_event().validate_python(obj)
 
 
 __all__ = [

@@ -16,6 +16,7 @@ Unknown roles and content types are kept verbatim (``UnknownMessage``,
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -329,7 +330,12 @@ AgentMessage = Annotated[
     Field(union_mode="left_to_right"),
 ]
 
-_AGENT_MESSAGE: TypeAdapter[Any] = TypeAdapter(AgentMessage)
+
+@functools.cache
+def _agent_message() -> TypeAdapter[Any]:
+    """Built on first use: the adapter's schema costs ~50 ms, and the command line's
+    listings never parse one."""
+    return TypeAdapter(AgentMessage)
 
 
 def parse_message(obj: Any) -> UserMessage | AssistantMessage | ToolResultMessage | Any:
@@ -337,8 +343,8 @@ def parse_message(obj: Any) -> UserMessage | AssistantMessage | ToolResultMessag
     if isinstance(obj, LosslessModel):
         return obj
     if isinstance(obj, (str, bytes)):
-        return _AGENT_MESSAGE.validate_json(obj)
-    return _AGENT_MESSAGE.validate_python(obj)
+        return _agent_message().validate_json(obj)
+    return _agent_message().validate_python(obj)
 
 
 # ---------------------------------------------------------------------------
@@ -446,4 +452,4 @@ def to_agent_message(message: Any, turn_id: TurnId | None = None) -> Any:
     data = message.model_dump(mode="json") if isinstance(message, LosslessModel) else dict(message)
     if turn_id is not None:
         data["turnId"] = turn_id.model_dump(mode="json")
-    return _AGENT_MESSAGE.validate_python(data)
+    return _agent_message().validate_python(data)
