@@ -11,20 +11,23 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_loop
+from helpers import StoreSpec, make_loop, open_spec
 from loopstore.errors import SessionError, SessionLocked
 from loopstore.models import Session
-from loopstore.store import FileSystemSessionStore
+from loopstore.store import SessionStore
 
 
-def _store(root: str, **opts: Any) -> FileSystemSessionStore:
+def _store(root: str | StoreSpec, **opts: Any) -> SessionStore:
+    """`root` is a directory, or a `StoreSpec` (a store on either backend)."""
     opts.setdefault("durable", False)
     opts.setdefault("lock_timeout", 60.0)
     opts.setdefault("lock_poll_interval", 0.005)
-    return FileSystemSessionStore(root, **opts)
+    return open_spec(root, **opts)
 
 
-def update_worker(root: str, session_id: str, worker: int, threads: int, per_thread: int) -> int:
+def update_worker(
+    root: str | StoreSpec, session_id: str, worker: int, threads: int, per_thread: int
+) -> int:
     """Each thread does read-modify-write updates that add one marker to the metadata
     of the first loop and appends one loop through append_loop; returns acks."""
     store = _store(root)
@@ -90,7 +93,7 @@ def try_lock(root: str, session_id: str, timeout: float, poll: float) -> tuple[s
     return ("ok", time.monotonic() - start)
 
 
-def reader_worker(root: str, session_id: str, seconds: float) -> tuple[int, list[str]]:
+def reader_worker(root: str | StoreSpec, session_id: str, seconds: float) -> tuple[int, list[str]]:
     """Load continuously; every error is returned (readers must never see one)."""
     store = _store(root)
     deadline = time.monotonic() + seconds

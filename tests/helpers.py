@@ -1,11 +1,14 @@
-"""Shared test helpers: phi-core fixtures and small realistic sessions built in code."""
+"""Shared test helpers: phi-core fixtures and small realistic sessions built in code,
+and stores on either backend (`StoreSpec`, `StoreFactory`, `RawStore`)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +17,7 @@ from loopstore.models import LoopRecord, Session, format_timestamp
 from loopstore.ondisk import JSON_INDENT, EncodedBlob, encode_blob
 
 if TYPE_CHECKING:
-    from loopstore.store import FileSystemSessionStore
+    from loopstore.store import SessionStore
 
 FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures" / "phi-core"
 
@@ -243,7 +246,7 @@ def make_session(session_id: str, n_loops: int = 3, *, agent_id: str = "agent-te
 
 @contextlib.contextmanager
 def lock_held_in_thread(
-    store: FileSystemSessionStore, session_id: str, *, max_hold_s: float = 10.0
+    store: SessionStore, session_id: str, *, max_hold_s: float = 10.0
 ) -> Iterator[threading.Event]:
     """Hold `store.lock(session_id)` from another thread until the block ends.
 
@@ -264,3 +267,208 @@ def lock_held_in_thread(
     finally:
         release.set()
         t.join()
+
+
+# --------------------------------------------------------------------------- either backend
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where a test store lives and how to open it, in this process or a spawned worker.
+
+    `location` is a directory or ``s3://bucket/prefix``; `options` are the keywords every
+    open needs (an S3 store's endpoint and credentials). Picklable.
+    """
+
+    location: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return "s3" if self.location.startswith("s3://") else "fs"
+
+    def open(self, **options: Any) -> SessionStore:
+        """The store (created if missing), with `options` (lock_timeout, ...) on top."""
+        from loopstore.locations import open_store
+
+        return open_store(self.location, **{**self.options, **options})
+
+    def exists(self) -> bool:
+        from loopstore.locations import store_exists
+
+        return store_exists(self.location, **self.options)
+
+
+def open_spec(where: str | os.PathLike[str] | StoreSpec, **options: Any) -> SessionStore:
+    """A worker's store: `where` is a spec, or a directory (the filesystem tests' root)."""
+    if isinstance(where, StoreSpec):
+        return where.open(**options)
+    from loopstore.store import FileSystemSessionStore
+
+    return FileSystemSessionStore(where, **options)
+
+
+class RawStore:
+    """A store's files or objects by key relative to its root (``sessions/<id>/...``),
+    read and written around the store: how tests damage a store on either backend."""
+
+    def read(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def write(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def ls(self, prefix: str = "") -> list[str]:
+        """Every file (object) whose key starts with `prefix`, sorted."""
+        raise NotImplementedError
+
+    def flip(self, key: str, at: int | None = None, width: int = 1) -> None:
+        """Bit rot: `width` bytes from `at` (default: the middle) inverted, same size."""
+        data = bytearray(self.read(key))
+        i = len(data) // 2 if at is None else at
+        for j in range(i, min(i + width, len(data))):
+            data[j] ^= 0xFF
+        self.write(key, bytes(data))
+
+
+class FsRaw(RawStore):
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def read(self, key: str) -> bytes:
+        return (self.root / key).read_bytes()
+
+    def write(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():
+            path.chmod(0o644)
+        path.write_bytes(data)
+
+    def delete(self, key: str) -> None:
+        (self.root / key).unlink()
+
+    def exists(self, key: str) -> bool:
+        return (self.root / key).is_file()
+
+    def ls(self, prefix: str = "") -> list[str]:
+        out = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    out.append(key)
+        return sorted(out)
+
+
+class S3Raw(RawStore):
+    def __init__(self, client_kwargs: Mapping[str, str], bucket: str, prefix: str) -> None:
+        self.client_kwargs = dict(client_kwargs)
+        self.bucket = bucket
+        self.prefix = prefix  # "" or ending in "/"
+        self._client: Any = None
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            config = Config(s3={"addressing_style": "path"}, retries={"total_max_attempts": 1})
+            self._client = boto3.client("s3", config=config, **self.client_kwargs)
+        return self._client
+
+    def read(self, key: str) -> bytes:
+        got = self.client.get_object(Bucket=self.bucket, Key=self.prefix + key)
+        return got["Body"].read()  # type: ignore[no-any-return]
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.prefix + key, Body=data)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
+
+    def exists(self, key: str) -> bool:
+        return key in self.ls(key)
+
+    def ls(self, prefix: str = "") -> list[str]:
+        out: list[str] = []
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + prefix
+        )
+        for page in pages:
+            out += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+        return sorted(out)
+
+
+def blob_key(session_id: str, digest: str) -> str:
+    """A materialized blob's key (the same on both backends)."""
+    return f"sessions/{session_id}/loops/{digest}.zst"
+
+
+def manifest_key(session_id: str) -> str:
+    return f"sessions/{session_id}/manifest.json"
+
+
+class StoreFactory:
+    """Stores of one test on one backend ("fs" or "s3"), each named (default "store"):
+    a directory under the test's tmp_path, or a prefix under the test's own S3 prefix.
+
+    ``make()`` opens the store, ``make("dest", lock_timeout=1)`` another one with
+    options; ``make.spec()`` is what a spawned worker reopens it from; ``make.raw()``
+    reaches its files or objects directly; ``make.env`` is what a CLI subprocess needs
+    (AWS_* for S3). Every store opened is closed when the test ends.
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        base: str,
+        options: Mapping[str, Any] | None = None,
+        *,
+        env: Mapping[str, str] | None = None,
+        client_kwargs: Mapping[str, str] | None = None,
+    ) -> None:
+        if backend not in ("fs", "s3"):
+            raise ValueError(backend)
+        self.backend = backend
+        self.base = base
+        self.options = dict(options or {})
+        self.env = dict(env or {})
+        self.client_kwargs = dict(client_kwargs or {})
+        self.opened: list[SessionStore] = []
+
+    @property
+    def is_s3(self) -> bool:
+        return self.backend == "s3"
+
+    def location(self, name: str = "store") -> str:
+        if self.is_s3:
+            return f"{self.base.rstrip('/')}/{name}"
+        return str(Path(self.base) / name)
+
+    def spec(self, name: str = "store") -> StoreSpec:
+        return StoreSpec(self.location(name), dict(self.options))
+
+    def __call__(self, name: str = "store", /, **options: Any) -> SessionStore:
+        store = self.spec(name).open(**options)
+        self.opened.append(store)
+        return store
+
+    def raw(self, name: str = "store") -> RawStore:
+        if not self.is_s3:
+            return FsRaw(Path(self.location(name)))
+        bucket, _, prefix = self.location(name).removeprefix("s3://").partition("/")
+        return S3Raw(self.client_kwargs, bucket, prefix.rstrip("/") + "/")
+
+    def close(self) -> None:
+        for store in self.opened:
+            with contextlib.suppress(Exception):
+                store.close()
+        self.opened.clear()

@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import copy
 import pickle
-from pathlib import Path
 
 import pytest
 
-from helpers import fixture_paths, load_fixture, make_loop, make_session
+from helpers import StoreFactory, fixture_paths, load_fixture, make_loop, make_session
 from loopstore import models
 from loopstore.errors import CorruptSession
 from loopstore.lazy import LazyLoops
-from loopstore.store import FileSystemSessionStore
+from loopstore.store import SessionStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> FileSystemSessionStore:
-    return FileSystemSessionStore(tmp_path / "s", durable=False)
+def store(make_store: StoreFactory) -> SessionStore:
+    """On both backends: every test here runs as [fs] and [s3]."""
+    return make_store(durable=False)
 
 
 def _fetched(session: models.Session) -> int:
@@ -27,7 +27,7 @@ def _fetched(session: models.Session) -> int:
 
 
 def test_a_lazy_load_reads_one_loop_for_the_header_and_one_loop(
-    store: FileSystemSessionStore, monkeypatch: pytest.MonkeyPatch
+    store: SessionStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = make_session("z", 6)
     store.save(s)
@@ -50,7 +50,7 @@ def test_a_lazy_load_reads_one_loop_for_the_header_and_one_loop(
     assert calls == [1]
 
 
-def test_a_lazy_session_is_the_eager_one(store: FileSystemSessionStore) -> None:
+def test_a_lazy_session_is_the_eager_one(store: SessionStore) -> None:
     for path in fixture_paths():
         f = load_fixture(path)
         store.save(f)
@@ -85,7 +85,7 @@ def test_a_lazy_session_is_the_eager_one(store: FileSystemSessionStore) -> None:
 
 
 def test_a_lazy_session_reads_its_snapshot_after_later_commits_and_folds(
-    store: FileSystemSessionStore,
+    store: SessionStore,
 ) -> None:
     s = make_session("f", 3)
     store.save(s)  # blobs in the journal
@@ -97,7 +97,7 @@ def test_a_lazy_session_reads_its_snapshot_after_later_commits_and_folds(
     assert lazy.loops[0].model_dump_json() == s.loops[0].model_dump_json()  # the old one
 
 
-def test_a_lazy_loop_collected_since_the_load_is_reported(store: FileSystemSessionStore) -> None:
+def test_a_lazy_loop_collected_since_the_load_is_reported(store: SessionStore) -> None:
     s = make_session("g", 2)
     store.save(s)
     store.checkpoint("g")

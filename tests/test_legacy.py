@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fixture_paths, load_fixture, make_session
+from helpers import StoreFactory, fixture_paths, load_fixture, make_session
 from loopstore import legacy
 from loopstore.errors import CorruptSession, InvalidSessionId, SessionNotFound
-from loopstore.store import FileSystemSessionStore
 
 
 def test_fixtures_round_trip_byte_identical_through_legacy_api(tmp_path: Path) -> None:
@@ -26,8 +25,10 @@ def test_fixtures_round_trip_byte_identical_through_legacy_api(tmp_path: Path) -
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp." in p.name]
 
 
-def test_fixtures_byte_identical_through_the_store(tmp_path: Path) -> None:
-    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+def test_fixtures_byte_identical_through_the_store(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    store = make_store(durable=False)
     seen: list[tuple[int, int]] = []
     report = store.import_legacy(
         fixture_paths()[0].parent, progress=lambda d, t: seen.append((d, t))
@@ -42,7 +43,7 @@ def test_fixtures_byte_identical_through_the_store(tmp_path: Path) -> None:
     assert store.verify().ok
 
 
-def test_import_reports_bad_files_and_goes_on(tmp_path: Path) -> None:
+def test_import_reports_bad_files_and_goes_on(tmp_path: Path, make_store: StoreFactory) -> None:
     legacy_dir = tmp_path / "legacy"
     legacy_dir.mkdir()
     for src in fixture_paths():
@@ -51,7 +52,7 @@ def test_import_reports_bad_files_and_goes_on(tmp_path: Path) -> None:
     (legacy_dir / "wrong-shape.json").write_text('{"session_id": "x"}')
     (legacy_dir / "ignored.json.lock").write_text("")
     (legacy_dir / "notes.txt").write_text("hello")
-    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+    store = make_store(durable=False)
     report = store.import_legacy(legacy_dir)
     assert not report.ok
     assert len(report.imported) == 3

@@ -1,18 +1,17 @@
 """Many OS processes (each with threads) on one session: no lost update, readers
-never see an error, even while gc deletes unreferenced blobs under them."""
+never see an error, even while gc deletes unreferenced blobs under them. On both
+backends: on S3 the processes' commits race by compare-and-swap (no lock between them)."""
 
 from __future__ import annotations
 
 import multiprocessing as mp
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import _workers_store as workers
-from helpers import make_loop, make_session
-from loopstore.store import FileSystemSessionStore
+from helpers import StoreFactory, make_loop, make_session
 
 CTX = mp.get_context("spawn")
 PROCESSES = 4
@@ -26,10 +25,10 @@ def pool() -> Iterator[Any]:
         yield p
 
 
-def test_processes_times_threads_lose_nothing(tmp_path: Path, pool: Any) -> None:
-    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+def test_processes_times_threads_lose_nothing(make_store: StoreFactory, pool: Any) -> None:
+    store = make_store(durable=False)
     store.save(make_session("shared", 1))
-    root = str(store.root)
+    root = make_store.spec()
     acked = pool.starmap(
         workers.update_worker,
         [(root, "shared", w, THREADS, PER_THREAD) for w in range(PROCESSES)],
@@ -42,16 +41,22 @@ def test_processes_times_threads_lose_nothing(tmp_path: Path, pool: Any) -> None
     assert len(s.loops) == 1 + expected  # every append_loop
     assert len({lp.loop_id for lp in s.loops}) == len(s.loops)
     info = store.session_info("shared")
-    # Every update is a commit of its own; appends may share one (group commit).
-    assert 1 + expected < info.generation <= 1 + 2 * expected
+    # Every update is a commit of its own; appends may share one (group commit, which
+    # object stores do not have: one commit each).
+    if make_store.is_s3:
+        assert info.generation == 1 + 2 * expected
+    else:
+        assert 1 + expected < info.generation <= 1 + 2 * expected
     assert store.verify().ok
 
 
-def test_readers_never_fail_while_writers_commit_and_gc_runs(tmp_path: Path, pool: Any) -> None:
-    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+def test_readers_never_fail_while_writers_commit_and_gc_runs(
+    make_store: StoreFactory, pool: Any
+) -> None:
+    store = make_store(durable=False)
     base = make_session("busy", 4)
     store.save(base)
-    root = str(store.root)
+    root = make_store.spec()
     readers = [pool.apply_async(workers.reader_worker, (root, "busy", 2.5)) for _ in range(3)]
     n = 4
     import time

@@ -194,14 +194,19 @@ def _fast_schema(schema: Any, models: set[type]) -> Any:
 
 
 @functools.cache
-def _fast_serializer(cls: type[BaseModel]) -> SchemaSerializer:
-    """The copy's serializer. pydantic-core reuses a complete model class's own serializer
-    for its schema node (which would bring the wrap serializers back), so the classes
-    are marked incomplete while it is built, once per process."""
+def _fast_serializer(cls: type[BaseModel]) -> SchemaSerializer | None:
+    """The copy's serializer (None: a class whose schema is not built yet, e.g. a
+    subclass with `defer_build`; its own serializer is used). pydantic-core reuses a
+    complete model class's own serializer for its schema node (which would bring the
+    wrap serializers back), so the classes are marked incomplete while it is built,
+    once per process."""
+    built = cls.__pydantic_core_schema__
+    if not isinstance(built, dict):
+        return None
     models: set[type] = set()
-    schema = _fast_schema(cls.__pydantic_core_schema__, models)
+    schema = _fast_schema(built, models)
     with _BUILD_LOCK:
-        saved = {m: m.__dict__["__pydantic_complete__"] for m in models}
+        saved = {m: m.__dict__.get("__pydantic_complete__", False) for m in models}
         try:
             for m in models:
                 type.__setattr__(m, "__pydantic_complete__", False)
@@ -313,14 +318,16 @@ class LosslessModel(BaseModel):
         """``model_dump_json(indent=indent)`` as bytes, the way stores write it (see
         "fast dumps" above: the same bytes, a third less CPU)."""
         self._materialize()
-        _unsorted.seen = False
-        try:
-            data = _fast_serializer(type(self)).to_json(self, indent=indent, exclude_unset=True)
-            if not _unsorted.seen:
-                return data
-        except PydanticSerializationError:
-            if not _unsorted.seen:
-                raise
+        fast = _fast_serializer(type(self))
+        if fast is not None:
+            _unsorted.seen = False
+            try:
+                data = fast.to_json(self, indent=indent, exclude_unset=True)
+                if not _unsorted.seen:
+                    return data
+            except PydanticSerializationError:
+                if not _unsorted.seen:
+                    raise
         return self.__pydantic_serializer__.to_json(self, indent=indent, exclude_unset=True)
 
     def _materialize(self) -> None:
