@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from loopstore import journal, locations, ondisk
 from loopstore.backend import SessionHandle
@@ -37,8 +39,11 @@ from loopstore.store import READ_RETRIES, FileSystemSessionStore, SessionStore
 
 DEST_LOCK_TIMEOUT_S: Final = 60.0
 #: How long a backup waits for a destination session another backup is writing.
+BACKUP_THREADS: Final = 4
+#: Sessions copied at once: their fsyncs (or an object store's round trips) overlap.
 
 ProgressFn = Callable[[int, int], None]
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- reports
@@ -165,6 +170,23 @@ class _Vanished(Exception):
 
 
 @dataclass
+class _Tally:
+    """One session's blob counts (sessions run on several threads; merged in order)."""
+
+    files_linked: int = 0
+    bytes_linked: int = 0
+    files_copied: int = 0
+    bytes_copied: int = 0
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    blobs_verified: int = 0
+
+    def add_to(self, report: BackupReport) -> None:
+        for name, value in asdict(self).items():
+            setattr(report, name, getattr(report, name) + value)
+
+
+@dataclass
 class _Run:
     src: SessionStore
     dst: SessionStore
@@ -182,7 +204,7 @@ def _same(a: journal.SessionState, b: journal.SessionState) -> bool:
 
 
 def _source_blobs(
-    run: _Run, h: SessionHandle, state: journal.SessionState
+    run: _Run, tally: _Tally, h: SessionHandle, state: journal.SessionState
 ) -> tuple[list[ondisk.EncodedBlob], dict[str, Path]]:
     """Every blob the state names, hash-checked; where linking is possible, the source file."""
     sid = state.session_id
@@ -202,14 +224,14 @@ def _source_blobs(
         except ondisk.DamagedBlob as exc:
             where = h.blob_path(e.blob) if span is None else "its journal"
             raise _Damaged(f"damaged blob of loop {e.loop_id!r} ({where}): {exc.cause}") from None
-        run.report.blobs_verified += 1
+        tally.blobs_verified += 1
         out.append(ondisk.EncodedBlob(e.blob, e.raw_size, data))
         if span is None and run.link:
             links[e.blob] = Path(h.blob_path(e.blob))
     return out, links
 
 
-def _backup_session(run: _Run, sid: str) -> str:
+def _backup_session(run: _Run, sid: str, tally: _Tally) -> str:
     """One session: 'updated', 'unchanged' or 'vanished'; raises _Damaged.
 
     A blob that vanished under the read is a newer state (a fold and gc since): the
@@ -218,7 +240,7 @@ def _backup_session(run: _Run, sid: str) -> str:
     last: tuple[int, int] | None = None
     for _attempt in range(READ_RETRIES):
         try:
-            return _backup_state(run, sid)
+            return _backup_state(run, sid, tally)
         except _Stale:
             continue
         except _Vanished as exc:
@@ -240,9 +262,9 @@ def _check_current(src: SessionStore, h: SessionHandle, state: journal.SessionSt
         raise _Stale
 
 
-def _backup_state(run: _Run, sid: str) -> str:
+def _backup_state(run: _Run, sid: str, tally: _Tally) -> str:
     """Copy the source session's current durable state into dest (under dest's lock)."""
-    src, dst, report = run.src, run.dst, run.report
+    src, dst = run.src, run.dst
     with src.backend.session(sid) as h:
         r = src.read_state(h) if h is not None else None
         if h is None or r is None:
@@ -257,7 +279,7 @@ def _backup_state(run: _Run, sid: str) -> str:
             except SessionError:
                 dr = None  # a damaged copy is simply replaced
             if dh is None or dr is None:
-                blobs, links = _source_blobs(run, h, state)
+                blobs, links = _source_blobs(run, tally, h, state)
                 _check_current(src, h, state)
                 linked, written = dst._install(state, blobs, links)
             else:
@@ -265,26 +287,50 @@ def _backup_state(run: _Run, sid: str) -> str:
                 force = {d for d in have if run.copy_only and _shared(h, dh, d)}
                 if _same(state, dr.state) and len(have) == len(sizes) and not force:
                     if run.check:
-                        _source_blobs(run, h, state)
-                    report.files_skipped += len(sizes)
-                    report.bytes_skipped += sum(sizes.values())
+                        _source_blobs(run, tally, h, state)
+                    tally.files_skipped += len(sizes)
+                    tally.bytes_skipped += sum(sizes.values())
                     return "unchanged"
-                blobs, links = _source_blobs(run, h, state)
+                blobs, links = _source_blobs(run, tally, h, state)
                 _check_current(src, h, state)
                 todo = [b for b in blobs if b.digest not in have or b.digest in force]
                 linked, written = dh.materialize(todo, links=links, force=force)
-                report.files_skipped += len(blobs) - len(todo)
-                report.bytes_skipped += sum(sizes[d] for d in have - force)
+                tally.files_skipped += len(blobs) - len(todo)
+                tally.bytes_skipped += sum(sizes[d] for d in have - force)
                 change = Change(dr.state)
                 change.set_header(state.header)
                 change.set_loops(state.entries, {})
                 if not change.empty:
                     dst._fold(dh, dst._commit(sid, dh, dr, change, at_ns=state.committed_at_ns))
-    report.files_linked += len(linked)
-    report.bytes_linked += sum(sizes[d] for d in linked)
-    report.files_copied += len(written)
-    report.bytes_copied += sum(sizes[d] for d in written)
+    tally.files_linked += len(linked)
+    tally.bytes_linked += sum(sizes[d] for d in linked)
+    tally.files_copied += len(written)
+    tally.bytes_copied += sum(sizes[d] for d in written)
     return "updated"
+
+
+def _one_session(run: _Run, sid: str) -> tuple[str, _Tally, BackupFailure | None]:
+    """One session's outcome, counts and failure (a worker thread's unit of work)."""
+    tally = _Tally()
+    try:
+        return _backup_session(run, sid, tally), tally, None
+    except _Damaged as exc:
+        return "failed", tally, BackupFailure(sid, str(exc))
+    except SessionError as exc:
+        return "failed", tally, BackupFailure(sid, exc.cause)
+
+
+def _in_order(fn: Callable[[str], T], items: Sequence[str], threads: int) -> Iterator[T]:
+    """fn over items on `threads` threads, results in order, at most 4 x threads in
+    flight (a store of 100,000 sessions is not queued at once)."""
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[T]] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _shared(h: SessionHandle, dh: SessionHandle, digest: str) -> bool:
@@ -371,15 +417,11 @@ def backup(
         if progress is not None:
             progress(0, total)
         seen: set[str] = set()
-        for done, sid in enumerate(ids, 1):
-            try:
-                outcome = _backup_session(run, sid)
-            except _Damaged as exc:
-                report.failed.append(BackupFailure(sid, str(exc)))
-                outcome = "failed"
-            except SessionError as exc:
-                report.failed.append(BackupFailure(sid, exc.cause))
-                outcome = "failed"
+        results = _in_order(lambda sid: _one_session(run, sid), ids, BACKUP_THREADS)
+        for done, (sid, (outcome, tally, failure)) in enumerate(zip(ids, results, strict=True), 1):
+            tally.add_to(report)
+            if failure is not None:
+                report.failed.append(failure)
             if outcome != "vanished":
                 seen.add(sid)
             if outcome == "updated":

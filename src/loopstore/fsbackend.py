@@ -37,6 +37,8 @@ NO_LINK_ERRNOS: Final = frozenset(
 #: Errors meaning "no hard link here" (another filesystem, no link support): copy instead.
 PLACE_THREADS: Final = 4
 #: Threads that fdatasync staged blob files at a fold (syncs in flight together).
+PLACE_FILES_PER_THREAD: Final = 4
+#: A thread costs about as much as a few small fsyncs: fewer files are synced in turn.
 PLACE_BATCH: Final = 128
 #: Blob files staged (and held open) at once by a fold or a backup.
 TMP_VANISHED_RETRIES: Final = 5
@@ -978,13 +980,13 @@ class FileSystemBackend:
 
     def _sync_all(self, fds: Sequence[int]) -> None:
         """fdatasync every file, from up to PLACE_THREADS threads."""
-        threads = min(PLACE_THREADS, len(fds))
+        threads = min(PLACE_THREADS, len(fds) // PLACE_FILES_PER_THREAD)
 
         def sync_chunk(chunk: Sequence[int]) -> None:
             for fd in chunk:
                 atomic.sync(fd, "blob", data_only=True)
 
-        if threads == 1:
+        if threads <= 1:
             sync_chunk(fds)
             return
         with ThreadPoolExecutor(threads) as pool:
