@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from loopstore import journal, locations, ondisk
-from loopstore.backend import SessionHandle
+from loopstore.backend import CommitConflict, SessionHandle
 from loopstore.errors import SessionError, SessionNotFound, StorageError
 from loopstore.fsbackend import FileSystemBackend, check_backup_destination
 from loopstore.journal import Change
@@ -281,7 +281,14 @@ def _backup_state(run: _Run, sid: str, tally: _Tally) -> str:
             if dh is None or dr is None:
                 blobs, links = _source_blobs(run, tally, h, state)
                 _check_current(src, h, state)
-                linked, written = dst._install(state, blobs, links)
+                try:
+                    linked, written = dst._install(state, blobs, links)
+                except CommitConflict:  # an object store keeps a copy it cannot read
+                    raise _Damaged(
+                        "DEST holds a copy of this session that cannot be read and is not "
+                        "replaced in place on this store: delete it there "
+                        "and back up again"
+                    ) from None
             else:
                 have = {d for d in sizes if dh.blob_size(d) == sizes[d]}
                 force = {d for d in have if run.copy_only and _shared(h, dh, d)}
