@@ -133,9 +133,12 @@ class AsyncSessionStore(Generic[S]):
         progress: ProgressFn | None = None,
         deep: bool = False,
         grace: float | timedelta = GC_GRACE_S,
+        processes: int = 1,
     ) -> VerifyReport:
         return await asyncio.to_thread(
-            lambda: self.sync.verify(session_id, progress=progress, deep=deep, grace=grace)
+            lambda: self.sync.verify(
+                session_id, progress=progress, deep=deep, grace=grace, processes=processes
+            )
         )
 
     async def gc(
@@ -179,9 +182,7 @@ class AsyncSessionStore(Generic[S]):
         check: bool = False,
     ) -> BackupReport:
         return await asyncio.to_thread(
-            lambda: self.sync.backup(
-                dest, prune=prune, progress=progress, link=link, check=check
-            )
+            lambda: self.sync.backup(dest, prune=prune, progress=progress, link=link, check=check)
         )
 
     @contextlib.asynccontextmanager

@@ -432,6 +432,14 @@ class Catalog:
         except sqlite3.Error as exc:
             raise CatalogUnusable(str(exc)) from exc
 
+    def entries(self) -> dict[str, tuple[int, int]]:
+        """(generation, committed_ns) of every listed session, for verify."""
+        try:
+            cur = self._conn().execute("SELECT session_id, generation, committed_ns FROM sessions")
+            return {r[0]: (int(r[1]), int(r[2])) for r in cur}
+        except sqlite3.Error as exc:
+            raise CatalogUnusable(str(exc)) from exc
+
     def entry(self, session_id: str) -> tuple[int, int] | None:
         """(generation, committed_ns) the catalog lists for a session, for verify."""
         try:

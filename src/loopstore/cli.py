@@ -59,6 +59,8 @@ DEFAULT_ROOT = "./.loopstore"
 ROOT_ENV = "LOOPSTORE_ROOT"
 
 PROG = "loopstore"
+VERIFY_PROCESSES = 2
+"""`verify` of a big store runs in this many processes (the check is Python work)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1256,7 +1258,9 @@ def cmd_stats(ctx: Ctx, args: argparse.Namespace) -> int:
 def cmd_verify(ctx: Ctx, args: argparse.Namespace) -> int:
     store = ctx.store()
     with _progress(ctx, "verifying") as progress:
-        report = store.verify(args.session, progress=progress, deep=args.deep)
+        report = store.verify(
+            args.session, progress=progress, deep=args.deep, processes=VERIFY_PROCESSES
+        )
     problems = [problem_json(p) for p in report.problems]
     orphans = [orphan_json(o) for o in report.orphans]
     result = {

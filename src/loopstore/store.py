@@ -1356,11 +1356,16 @@ class SessionStore:
         progress: ProgressFn | None = None,
         deep: bool = False,
         grace: float | timedelta = GC_GRACE_S,
+        processes: int = 1,
     ) -> VerifyReport:
-        """Check every checkpoint, journal record and blob hash (deep: also the models)."""
+        """Check every checkpoint, journal record and blob hash (deep: also the models);
+        `processes` > 1 checks a big store from that many spawned worker processes
+        (the caller's main module must be import-safe, as multiprocessing requires)."""
         from loopstore import maintenance
 
-        return maintenance.verify(self, session_id, progress=progress, deep=deep, grace=grace)
+        return maintenance.verify(
+            self, session_id, progress=progress, deep=deep, grace=grace, processes=processes
+        )
 
     def gc(
         self,
