@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_loop
+from helpers import StoreSpec, make_loop, open_spec
 from loopstore import FileSystemSessionStore, SessionLocked
 
 
@@ -34,9 +34,12 @@ def try_append(root: str, session_id: str, index: int, lock_timeout: float) -> s
     return "ok"
 
 
-def append_many(root: str, session_id: str, proc: int, threads: int, per_thread: int) -> list[str]:
-    """`threads` threads each append `per_thread` loops (half via update); acked loop ids."""
-    store = FileSystemSessionStore(root, lock_timeout=60.0, durable=True)
+def append_many(
+    root: str | StoreSpec, session_id: str, proc: int, threads: int, per_thread: int
+) -> list[str]:
+    """`threads` threads each append `per_thread` loops (half via update); acked loop ids.
+    `root` is a directory or a `StoreSpec` (either backend)."""
+    store = open_spec(root, lock_timeout=60.0, durable=True)
     acked: list[str] = []
     errors: list[BaseException] = []
     guard = threading.Lock()
@@ -71,9 +74,9 @@ def append_many(root: str, session_id: str, proc: int, threads: int, per_thread:
     return acked
 
 
-def append_forever(root: str, session_id: str, log: str, start: int) -> None:
+def append_forever(root: str | StoreSpec, session_id: str, log: str, start: int) -> None:
     """Append loops until killed; each acknowledged loop id is logged after it returned."""
-    store = FileSystemSessionStore(root, durable=True)
+    store = open_spec(root, durable=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     i = start
     while True:

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import make_loop, make_session
+from helpers import StoreSpec, make_loop, make_session, open_spec
 from loopstore import atomic
 from loopstore.backup import backup, verify_backup
 from loopstore.errors import SessionError
@@ -33,10 +33,11 @@ EPHEMERAL = "eph"
 """A session worker 0 deletes and re-creates while backups run."""
 
 
-def open_store(root: str | Path, **opts: Any) -> FileSystemSessionStore:
+def open_store(root: str | Path | StoreSpec, **opts: Any) -> FileSystemSessionStore:
+    """A directory store; with a `StoreSpec` (a dest on either backend), that store."""
     opts.setdefault("durable", False)
     opts.setdefault("lock_timeout", 60.0)
-    return FileSystemSessionStore(root, **opts)
+    return open_spec(root, **opts)  # type: ignore[return-value]
 
 
 def state_key(state: SessionState) -> str:
@@ -153,7 +154,7 @@ def writer_worker(
 
 
 def backup_worker(
-    root: str, dest: str, runs: int, stop_path: str, link: bool
+    root: str, dest: str | StoreSpec, runs: int, stop_path: str, link: bool
 ) -> list[dict[str, Any]]:
     """Back up at least `runs` times and until `stop_path` exists (the writers are done).
 
@@ -177,6 +178,13 @@ def backup_worker(
             }
         )
     return out
+
+
+def backup_once(root: str, dest: StoreSpec, lock_timeout: float) -> list[tuple[str, str]]:
+    """One backup of `root` into `dest` (waiting `lock_timeout` for a dest session's
+    lock); returns its failures as (session id, reason)."""
+    report = backup(open_store(root), open_store(dest, lock_timeout=lock_timeout))
+    return [(f.session_id, f.reason) for f in report.failed]
 
 
 def append_worker(root: str, session_ids: list[str], appends: int, log_path: str) -> int:
@@ -216,7 +224,7 @@ def _pause_on_rename(should_pause: Callable[[str, str], bool], signal_path: str)
     atomic.rename = rename
 
 
-def killable_backup(root: str, dest: str, mode: str, signal_path: str) -> None:
+def killable_backup(root: str, dest: str | StoreSpec, mode: str, signal_path: str) -> None:
     """A backup that stops at a chosen point and waits there to be SIGKILLed.
 
     - "between": after the 3rd session was backed up (the progress callback);

@@ -7,7 +7,8 @@ use neither need none of it.
 A test that takes `make_store` (or `backend`) runs twice, ``[fs]`` and ``[s3]``: once on
 a directory store, once on an S3 store under its own prefix of the shared SeaweedFS
 bucket. ``@pytest.mark.s3_bug("...")`` marks its ``[s3]`` case as a known S3 backend bug
-(strict xfail: it fails the run once fixed, so the mark gets removed).
+(strict xfail: it fails the run once fixed, so the mark gets removed); with
+``fixture="other_backend"`` the cases whose second store (a backup's dest) is on S3.
 """
 
 from __future__ import annotations
@@ -31,20 +32,20 @@ BACKENDS = ("fs", "s3")
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "s3_bug(reason): the [s3] case of a backend-parametrized test fails on a known "
-        "S3 backend bug (strict xfail)",
+        "s3_bug(reason, fixture='backend'): the cases of a backend-parametrized test whose "
+        "`fixture` is 's3' fail on a known S3 backend bug (strict xfail)",
     )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        mark = item.get_closest_marker("s3_bug")
         callspec = getattr(item, "callspec", None)
-        if mark is None or callspec is None:
+        if callspec is None:
             continue
-        if "s3" in (callspec.params.get("backend"), callspec.params.get("other_backend")):
-            reason = f"S3 backend bug: {mark.args[0] if mark.args else ''}"
-            item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+        for mark in item.iter_markers("s3_bug"):
+            if callspec.params.get(mark.kwargs.get("fixture", "backend")) == "s3":
+                reason = f"S3 backend bug: {mark.args[0]}"
+                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 @pytest.fixture(scope="session")

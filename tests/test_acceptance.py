@@ -1,4 +1,7 @@
-"""Black-box acceptance suite: only `from loopstore import ...` and the DESIGN section 3 layout."""
+"""Black-box acceptance suite: only `from loopstore import ...` and the DESIGN section 3 layout.
+
+Tests taking `make_store` run on both backends ([fs], [s3]); a store's files or objects
+are reached through `make_store.raw()` (the same keys and bytes on both)."""
 
 from __future__ import annotations
 
@@ -21,7 +24,15 @@ import xxhash
 import zstandard
 
 import _workers_acceptance as workers
-from helpers import fixture_paths, make_loop, make_session
+from helpers import (
+    RawStore,
+    StoreFactory,
+    blob_key,
+    fixture_paths,
+    make_loop,
+    make_session,
+    manifest_key,
+)
 from loopstore import (
     AsyncFileSystemSessionStore,
     CorruptSession,
@@ -33,6 +44,7 @@ from loopstore import (
     SessionLocked,
     SessionNotFound,
     legacy,
+    open_async_store,
 )
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -79,6 +91,33 @@ def _flip(path: Path, at: int | None = None) -> None:
     path.write_bytes(bytes(data))
 
 
+def _rfold(make_store: StoreFactory, sid: str) -> None:
+    """`_fold` on either backend (by another store object, as `_fold`)."""
+    make_store(durable=False).checkpoint(sid)
+
+
+def _rblobs(make_store: StoreFactory, raw: RawStore, sid: str) -> list[str]:
+    """`_blobs` on either backend: the keys of the session's blobs, once folded."""
+    _rfold(make_store, sid)
+    return raw.ls(f"sessions/{sid}/loops/")
+
+
+def _rmanifest(
+    make_store: StoreFactory, raw: RawStore, sid: str, *, fold: bool = True
+) -> dict[str, Any]:
+    if fold:
+        _rfold(make_store, sid)
+    doc: dict[str, Any] = json.loads(raw.read(manifest_key(sid)))
+    return doc
+
+
+def _rblob_of(make_store: StoreFactory, raw: RawStore, sid: str, loop_id: str) -> str:
+    for e in _rmanifest(make_store, raw, sid)["loops"]:
+        if e["loop_id"] == loop_id:
+            return blob_key(sid, e["blob"])
+    raise AssertionError(loop_id)
+
+
 def _kind(k: str) -> str:
     return k.lower().replace("_", " ").replace("-", " ")
 
@@ -121,27 +160,29 @@ def test_public_api_and_error_classes() -> None:
         assert sig.parameters[opt].kind is inspect.Parameter.KEYWORD_ONLY
 
 
-def test_roundtrip_layout_and_not_found(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_roundtrip_layout_and_not_found(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
     s = make_session("s1", 3)
     st.save(s)
     assert st.exists("s1") and not st.exists("nope")
     assert _dump(st.load("s1")) == _dump(s)
-    # layout of section 3
-    assert (tmp_path / "loopstore.json").is_file()
-    marker = json.loads((tmp_path / "loopstore.json").read_text())
+    # layout of section 3 (an object store holds the same marker, manifests and blobs;
+    # tmp/ and locks/ are a directory store's)
+    marker = json.loads(raw.read("loopstore.json"))
     assert marker["version"] == 2
-    assert (tmp_path / "tmp").is_dir() and (tmp_path / "locks").is_dir()
-    assert (tmp_path / "locks" / "s1.lock").exists()
-    m = _manifest(tmp_path, "s1")
+    if not make_store.is_s3:
+        root = Path(make_store.location())
+        assert (root / "tmp").is_dir() and (root / "locks").is_dir()
+        assert (root / "locks" / "s1.lock").exists()
+    m = _rmanifest(make_store, raw, "s1")
     assert [e["loop_id"] for e in m["loops"]] == [lp.loop_id for lp in s.loops]
     assert "generation" in m
     for e, lp in zip(m["loops"], s.loops, strict=True):
-        data = (_sdir(tmp_path, "s1") / "loops" / f"{e['blob']}.zst").read_bytes()
+        data = raw.read(blob_key("s1", e["blob"]))
         assert zstandard.frame_content_size(data) > 0
-        raw = zstandard.ZstdDecompressor().decompress(data)
-        assert xxhash.xxh3_128_hexdigest(raw) == e["blob"]
-        assert _dump(LoopRecord.model_validate_json(raw)) == _dump(lp)
+        raw_json = zstandard.ZstdDecompressor().decompress(data)
+        assert xxhash.xxh3_128_hexdigest(raw_json) == e["blob"]
+        assert _dump(LoopRecord.model_validate_json(raw_json)) == _dump(lp)
     for call in (
         lambda: st.load("nope"),
         lambda: st.delete("nope"),
@@ -163,24 +204,31 @@ def test_roundtrip_layout_and_not_found(tmp_path: Path) -> None:
     assert len(st.load("s1").loops) == 3
 
 
-def test_save_writes_only_new_blobs_and_shares_identical(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_save_writes_only_new_blobs_and_shares_identical(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
+
+    def identity(key: str) -> object:
+        """The file's inode; an object's bytes (object stores have no inode)."""
+        if make_store.is_s3:
+            return raw.read(key)
+        return (Path(make_store.location()) / key).stat().st_ino
+
     s = make_session("s", 3)
     st.save(s)
-    before = {p.name: p.stat().st_ino for p in _blobs(tmp_path, "s")}
+    before = {k: identity(k) for k in _rblobs(make_store, raw, "s")}
     s2 = s.model_copy(deep=True)
     s2.loops.append(make_loop("s", 3))
     st.save(s2)
-    after = {p.name: p.stat().st_ino for p in _blobs(tmp_path, "s")}
+    after = {k: identity(k) for k in _rblobs(make_store, raw, "s")}
     assert len(after) == 4
-    assert all(after[n] == ino for n, ino in before.items())  # not rewritten
-    gen = _manifest(tmp_path, "s")["generation"]
+    assert all(after[k] == ino for k, ino in before.items())  # not rewritten
+    gen = _rmanifest(make_store, raw, "s")["generation"]
     st.save(s2)
-    assert _manifest(tmp_path, "s")["generation"] >= gen
+    assert _rmanifest(make_store, raw, "s")["generation"] >= gen
 
 
-def test_list_ids_most_recently_active_first(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_list_ids_most_recently_active_first(make_store: StoreFactory) -> None:
+    st = make_store(durable=False)
     # make_session timestamps grow with loop index: more loops = later activity
     st.save(make_session("old", 1))
     st.save(make_session("mid", 3))
@@ -190,8 +238,8 @@ def test_list_ids_most_recently_active_first(tmp_path: Path) -> None:
     assert st.list_ids()[0] == "old"
 
 
-def test_append_loop_new_session_replace_in_place(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_append_loop_new_session_replace_in_place(make_store: StoreFactory) -> None:
+    st = make_store(durable=False)
     header = make_session("a", 0, agent_id="agent-x")
     st.append_loop("a", make_loop("a", 0, agent_id="agent-x"), session=header)
     st.append_loop("a", make_loop("a", 1, agent_id="agent-x"))
@@ -216,8 +264,8 @@ def test_append_loop_new_session_replace_in_place(tmp_path: Path) -> None:
     assert [lp.loop_id for lp in st.load("b").loops] == [make_loop("b", 0).loop_id]
 
 
-def test_update_none_vs_new_session(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_update_none_vs_new_session(make_store: StoreFactory) -> None:
+    st = make_store(durable=False)
     st.save(make_session("u", 1))
 
     def mutate(s: Session) -> None:
@@ -240,10 +288,10 @@ def test_update_none_vs_new_session(tmp_path: Path) -> None:
     assert len(st.load("u").loops) == 1
 
 
-def test_threads_update_no_lost_updates_and_thread_exclusion(tmp_path: Path) -> None:
-    st = _store(tmp_path, lock_timeout=30)
+def test_threads_update_no_lost_updates_and_thread_exclusion(make_store: StoreFactory) -> None:
+    st = make_store(durable=False, lock_timeout=30)
     st.save(make_session("t", 0))
-    other = _store(tmp_path, lock_timeout=30)
+    other = make_store(durable=False, lock_timeout=30)
 
     def work(k: int) -> None:
         s_ = st if k % 2 else other
@@ -258,7 +306,7 @@ def test_threads_update_no_lost_updates_and_thread_exclusion(tmp_path: Path) -> 
     ids = [lp.loop_id for lp in st.load("t").loops]
     assert len(ids) == 20 == len(set(ids))
     # a thread of the same process is excluded by lock()
-    short = _store(tmp_path, lock_timeout=0.2, lock_poll_interval=0.02)
+    short = make_store(durable=False, lock_timeout=0.2, lock_poll_interval=0.02)
     res: list[BaseException | None] = []
     with st.lock("t"):
 
@@ -279,43 +327,47 @@ def test_threads_update_no_lost_updates_and_thread_exclusion(tmp_path: Path) -> 
     assert len(st.load("t").loops) == 22
 
 
-def test_durable_false_and_compression_level(tmp_path: Path) -> None:
+def test_durable_false_and_compression_level(make_store: StoreFactory) -> None:
     s = make_session("c", 2)
     for level in (1, 19):
-        root = tmp_path / f"l{level}"
-        st = FileSystemSessionStore(root, durable=False, compression_level=level)
+        st = make_store(f"l{level}", durable=False, compression_level=level)
         st.save(s)
-        assert _dump(FileSystemSessionStore(root).load("c")) == _dump(s)
-    st = FileSystemSessionStore(tmp_path / "d", durable=True)
+        assert _dump(make_store(f"l{level}").load("c")) == _dump(s)
+    st = make_store("d", durable=True)
     st.save(s)
     assert st.verify().ok
 
 
-def test_newer_store_marker_refused(tmp_path: Path) -> None:
-    _store(tmp_path).save(make_session("s", 1))
-    marker = tmp_path / "loopstore.json"
-    doc = json.loads(marker.read_text())
+def test_newer_store_marker_refused(make_store: StoreFactory) -> None:
+    raw = make_store.raw()
+    make_store(durable=False).save(make_session("s", 1))
+    doc = json.loads(raw.read("loopstore.json"))
     doc["version"] = 99
-    marker.write_text(json.dumps(doc))
-    shutil.rmtree(tmp_path / "tmp")
+    raw.write("loopstore.json", json.dumps(doc).encode())
+    if not make_store.is_s3:
+        shutil.rmtree(Path(make_store.location()) / "tmp")
+    keys = raw.ls()
     with pytest.raises(SessionError) as ei:
-        st = FileSystemSessionStore(tmp_path)
+        st = make_store()
         st.load("s")
     assert "version" in str(ei.value).lower()
-    assert not (tmp_path / "tmp").exists()  # nothing written into a store it cannot read
-    assert _manifest(tmp_path, "s", fold=False)["version"] == 2
+    # nothing written into a store it cannot read
+    assert raw.ls() == keys
+    if not make_store.is_s3:
+        assert not (Path(make_store.location()) / "tmp").exists()
+    assert _rmanifest(make_store, raw, "s", fold=False)["version"] == 2
 
 
 # ------------------------------------------------------------------ agents, corruption, verify
 
 
-def test_list_for_agent_skips_other_agents_blobs(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_list_for_agent_skips_other_agents_blobs(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
     st.save(make_session("a1", 2, agent_id="alice"))
     st.save(make_session("a2", 3, agent_id="alice"))
     st.save(make_session("b1", 2, agent_id="bob"))
-    for p in _blobs(tmp_path, "b1"):
-        _flip(p)
+    for k in _rblobs(make_store, raw, "b1"):
+        raw.flip(k, width=8)
     got = st.list_for_agent("alice")
     assert [s.session_id for s in got] == ["a2", "a1"]
     assert all(isinstance(s, Session) and len(s.loops) >= 2 for s in got)
@@ -325,12 +377,12 @@ def test_list_for_agent_skips_other_agents_blobs(tmp_path: Path) -> None:
     assert ei.value.session_id == "b1"
 
 
-def test_load_loop_with_other_blobs_damaged(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_load_loop_with_other_blobs_damaged(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
     s = make_session("s", 3)
     st.save(s)
-    _flip(_blob_of(tmp_path, "s", s.loops[0].loop_id))
-    _blob_of(tmp_path, "s", s.loops[1].loop_id).unlink()
+    raw.flip(_rblob_of(make_store, raw, "s", s.loops[0].loop_id), width=8)
+    raw.delete(_rblob_of(make_store, raw, "s", s.loops[1].loop_id))
     assert _dump(st.load_loop("s", s.loops[2].loop_id)) == _dump(s.loops[2])
     for call in (lambda: st.load("s"), lambda: st.load_loop("s", s.loops[0].loop_id)):
         with pytest.raises(CorruptSession) as ei:
@@ -340,13 +392,13 @@ def test_load_loop_with_other_blobs_damaged(tmp_path: Path) -> None:
         st.load_loop("s", s.loops[1].loop_id)
 
 
-def test_garbled_manifest(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_garbled_manifest(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
     st.save(make_session("good", 1))
     st.save(make_session("bad", 1, agent_id="bob"))
     st.save(make_session("gone", 1, agent_id="carol"))
-    mp = _sdir(tmp_path, "bad") / "manifest.json"
-    mp.write_bytes(mp.read_bytes()[:-40] + b"garbage")
+    mp = manifest_key("bad")
+    raw.write(mp, raw.read(mp)[:-40] + b"garbage")
     with pytest.raises(CorruptSession) as ei:
         st.load("bad")
     assert ei.value.session_id == "bad"
@@ -356,9 +408,16 @@ def test_garbled_manifest(tmp_path: Path) -> None:
     assert [s.session_id for s in st.list_for_agent("agent-test")] == ["good"]
     with pytest.raises(CorruptSession):
         st.list_for_agent("bob")
+    raw.write(manifest_key("gone"), b"\x00garbage")
+    if make_store.is_s3:
+        # No listing catalog on S3 (FORMAT.md 7): listings read the manifests, so, like a
+        # rebuilt catalog below, nothing says whose an unreadable manifest was.
+        for agent in ("agent-test", "carol"):
+            with pytest.raises(CorruptSession):
+                st.list_for_agent(agent)
+        return
     # damage so deep the manifest no longer names its owner: the listing catalog still
     # knows it (carol's), so agent-test's listing is unaffected and carol's reports it
-    (_sdir(tmp_path, "gone") / "manifest.json").write_bytes(b"\x00garbage")
     assert [s.session_id for s in st.list_for_agent("agent-test")] == ["good"]
     with pytest.raises(CorruptSession):
         st.list_for_agent("carol")
@@ -368,28 +427,29 @@ def test_garbled_manifest(tmp_path: Path) -> None:
         st.list_for_agent("agent-test")
 
 
-def test_verify_report_kinds(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_verify_report_kinds(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
+    fs = not make_store.is_s3
     for sid in ("flip", "trunc", "gone", "garble", "orph", "fine"):
         st.save(make_session(sid, 2))
     assert st.verify().ok
-    _flip(_blobs(tmp_path, "flip")[0])
-    tb = _blobs(tmp_path, "trunc")[0]
-    tb.write_bytes(tb.read_bytes()[:10])
-    gone = _blobs(tmp_path, "gone")[0]
-    gone.unlink()
-    mp = _sdir(tmp_path, "garble") / "manifest.json"
-    mp.write_bytes(b'{"not": "a manifest')
+    raw.flip(_rblobs(make_store, raw, "flip")[0], width=8)
+    tb = _rblobs(make_store, raw, "trunc")[0]
+    raw.write(tb, raw.read(tb)[:10])
+    gone = _rblobs(make_store, raw, "gone")[0]
+    raw.delete(gone)
+    raw.write(manifest_key("garble"), b'{"not": "a manifest')
     # orphan: replace a loop in place, the old blob is no longer named
-    before = set(_blobs(tmp_path, "orph"))
+    before = set(_rblobs(make_store, raw, "orph"))
     s = st.load("orph")
     st.append_loop("orph", make_loop("orph", 1, text_bytes=4321))
-    orphan = (before - set(_blobs(tmp_path, "orph"))) or before
+    orphan = (before - set(_rblobs(make_store, raw, "orph"))) or before
     assert s.loops[1].loop_id == make_loop("orph", 1).loop_id
-    stale = tmp_path / "tmp" / "stale-leftover.tmp"
-    stale.write_bytes(b"x" * 10)
-    old = time.time() - 3600
-    os.utime(stale, (old, old))
+    if fs:  # object stores have no tmp/
+        stale = Path(make_store.location()) / "tmp" / "stale-leftover.tmp"
+        stale.write_bytes(b"x" * 10)
+        old = time.time() - 3600
+        os.utime(stale, (old, old))
 
     rep = st.verify()
     assert not rep.ok
@@ -400,43 +460,51 @@ def test_verify_report_kinds(tmp_path: Path) -> None:
     assert _kind(by_sid["flip"][0].kind) in ("hash mismatch", "undecodable")
     assert _kind(by_sid["trunc"][0].kind) in ("undecodable", "hash mismatch")
     assert _kind(by_sid["gone"][0].kind) == "missing blob"
-    assert Path(by_sid["gone"][0].path).name == gone.name
+    assert Path(by_sid["gone"][0].path).name == Path(gone).name
     assert _kind(by_sid["garble"][0].kind) == "bad manifest"
-    assert Path(by_sid["flip"][0].path).parent.parent == _sdir(tmp_path, "flip")
+    assert str(by_sid["flip"][0].path).startswith(f"{st.location}/sessions/flip/")
     orphan_paths = {Path(o.path).name for o in rep.orphans}
-    assert stale.name in orphan_paths
-    assert orphan & {p for p in before if p.name in orphan_paths}
+    if fs:
+        assert stale.name in orphan_paths
+    assert {Path(k).name for k in orphan} & orphan_paths
     # one session at a time
     assert st.verify("fine").ok and not st.verify("flip").ok
     # orphans alone leave ok True
-    st2 = _store(tmp_path / "clean")
+    st2 = make_store("clean", durable=False)
     st2.save(make_session("o", 2))
     st2.checkpoint("o")
     st2.append_loop("o", make_loop("o", 0, text_bytes=999))
     st2.checkpoint("o")  # the replaced loop's blob file is named no more
     rep2 = st2.verify()
-    assert rep2.ok and rep2.problems == [] and len(rep2.orphans) == 1
+    assert rep2.ok and rep2.problems == []
+    # (on S3 the record the checkpoint folded is listed too until gc: FORMAT.md 7)
+    kinds = sorted(o.kind for o in rep2.orphans)
+    assert kinds == (["orphan_blob"] if fs else ["orphan_blob", "stale_journal"])
 
 
-def test_gc_counts_and_grace(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_gc_counts_and_grace(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
+    fs = not make_store.is_s3
     st.save(make_session("g", 2))
     st.checkpoint("g")
     st.append_loop("g", make_loop("g", 0, text_bytes=777))  # old blob orphaned
-    fresh = tmp_path / "tmp" / "fresh.tmp"
-    fresh.write_bytes(b"f")
-    stale = tmp_path / "tmp" / "stale.tmp"
-    stale.write_bytes(b"s")
-    old = time.time() - 3600
-    os.utime(stale, (old, old))
-    assert len(_blobs(tmp_path, "g")) == 3
+    if fs:  # object stores have no tmp/
+        fresh = Path(make_store.location()) / "tmp" / "fresh.tmp"
+        fresh.write_bytes(b"f")
+        stale = Path(make_store.location()) / "tmp" / "stale.tmp"
+        stale.write_bytes(b"s")
+        old = time.time() - 3600
+        os.utime(stale, (old, old))
+    assert len(_rblobs(make_store, raw, "g")) == 3
     r = st.gc()  # default grace (15 min): the fresh orphan blob stays
-    assert len(_blobs(tmp_path, "g")) == 3
-    assert not stale.exists() and fresh.exists()
-    assert r.tmp_removed == 1 and r.blobs_removed == 0
+    assert len(_rblobs(make_store, raw, "g")) == 3
+    if fs:
+        assert not stale.exists() and fresh.exists()
+    assert r.tmp_removed == (1 if fs else 0) and r.blobs_removed == 0
     r2 = st.gc(grace=timedelta(0))
-    assert r2.blobs_removed == 1 and len(_blobs(tmp_path, "g")) == 2
-    assert not fresh.exists()
+    assert r2.blobs_removed == 1 and len(_rblobs(make_store, raw, "g")) == 2
+    if fs:
+        assert not fresh.exists()
     rep = st.verify()
     assert rep.ok and rep.orphans == []
     assert len(st.load("g").loops) == 2
@@ -448,11 +516,12 @@ BAD_IDS = ["", ".", "..", "a/b", "a\\b", "a\0b", "../escape", "/abs", "é" * 100
 GOOD_IDS = ["a.b", "...", " spaced id ", "ünïcødé-😀", ".hidden", "x" * 200, "é" * 100]
 
 
-def test_hostile_ids_refused_nothing_outside(tmp_path: Path) -> None:
-    root = tmp_path / "store"
-    st = _store(root)
+def test_hostile_ids_refused_nothing_outside(tmp_path: Path, make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
+    root = Path(make_store.location())  # a directory store's root (not used on S3)
     st.save(make_session("ok", 1))
     snapshot = sorted(str(p) for p in tmp_path.rglob("*") if root not in p.parents)
+    keys = raw.ls()
     assert len(("é" * 100 + "x").encode()) == 201
     for bad in BAD_IDS:
         calls = [
@@ -474,16 +543,17 @@ def test_hostile_ids_refused_nothing_outside(tmp_path: Path) -> None:
             pass
     after = sorted(str(p) for p in tmp_path.rglob("*") if root not in p.parents)
     assert after == snapshot
+    assert raw.ls() == keys  # nothing written inside the store either
     assert st.list_ids() == ["ok"]
 
 
-def test_odd_but_valid_ids(tmp_path: Path) -> None:
-    st = _store(tmp_path)
+def test_odd_but_valid_ids(make_store: StoreFactory) -> None:
+    st, raw = make_store(durable=False), make_store.raw()
     for sid in GOOD_IDS:
         s = make_session(sid, 1)
         st.save(s)
         assert _dump(st.load(sid)) == _dump(s)
-        assert (tmp_path / "sessions" / sid / "manifest.json").is_file()
+        assert raw.exists(manifest_key(sid))
     assert sorted(st.list_ids()) == sorted(GOOD_IDS)
     for sid in GOOD_IDS:
         st.delete(sid)
@@ -614,9 +684,9 @@ def test_sigkilled_lock_holder_does_not_block(tmp_path: Path) -> None:
     assert (root / "locks" / "K.lock").exists()
 
 
-def test_processes_and_threads_append_one_session(tmp_path: Path) -> None:
-    root = tmp_path / "s"
-    st = FileSystemSessionStore(root)
+def test_processes_and_threads_append_one_session(make_store: StoreFactory) -> None:
+    spec = make_store.spec()
+    st = make_store()
     st.save(make_session("shared", 0))
     stop = threading.Event()
     reader_errors: list[BaseException] = []
@@ -635,7 +705,7 @@ def test_processes_and_threads_append_one_session(tmp_path: Path) -> None:
     try:
         with SPAWN.Pool(4) as pool:
             results = pool.starmap(
-                workers.append_many, [(str(root), "shared", p, 2, 6) for p in range(4)]
+                workers.append_many, [(spec, "shared", p, 2, 6) for p in range(4)]
             )
     finally:
         stop.set()
@@ -649,9 +719,11 @@ def test_processes_and_threads_append_one_session(tmp_path: Path) -> None:
     assert st.verify().ok
 
 
-def test_sigkilled_writers_lose_no_acknowledged_write(tmp_path: Path) -> None:
-    root = tmp_path / "s"
-    st = FileSystemSessionStore(root)
+def test_sigkilled_writers_lose_no_acknowledged_write(
+    tmp_path: Path, make_store: StoreFactory
+) -> None:
+    spec = make_store.spec()
+    st = make_store()
     st.save(make_session("W", 0))
     logs = []
     for round_ in range(2):
@@ -660,7 +732,7 @@ def test_sigkilled_writers_lose_no_acknowledged_write(tmp_path: Path) -> None:
         procs = [
             SPAWN.Process(
                 target=workers.append_forever,
-                args=(str(root), "W", str(log), 1000 * (10 * round_ + k)),
+                args=(spec, "W", str(log), 1000 * (10 * round_ + k)),
             )
             for k in range(2)
         ]
@@ -687,7 +759,7 @@ def test_sigkilled_writers_lose_no_acknowledged_write(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ legacy
 
 
-def test_import_export_phi_core_fixtures(tmp_path: Path) -> None:
+def test_import_export_phi_core_fixtures(tmp_path: Path, make_store: StoreFactory) -> None:
     src = tmp_path / "legacy"
     src.mkdir()
     paths = fixture_paths()
@@ -696,16 +768,16 @@ def test_import_export_phi_core_fixtures(tmp_path: Path) -> None:
         shutil.copy(p, src / p.name)
     (src / "broken.json").write_text('{"session_id": "broken", ')
     (src / "notes.txt").write_text("not a session")
-    st = _store(tmp_path / "store")
+    st, raw = make_store(durable=False), make_store.raw()
     rep = st.import_legacy(src)
     failed = {Path(f.path).name: f.reason for f in rep.failed}
     assert set(failed) == {"broken.json"} and failed["broken.json"]
     ids = {p.stem for p in paths}
     assert set(st.list_ids()) == ids
-    gens = {sid: _manifest(tmp_path / "store", sid)["generation"] for sid in ids}
+    gens = {sid: _rmanifest(make_store, raw, sid)["generation"] for sid in ids}
     rep2 = st.import_legacy(src)  # idempotent
     assert set(st.list_ids()) == ids
-    assert {sid: _manifest(tmp_path / "store", sid)["generation"] for sid in ids} == gens
+    assert {sid: _rmanifest(make_store, raw, sid)["generation"] for sid in ids} == gens
     assert {Path(f.path).name for f in rep2.failed} == {"broken.json"}
     out = tmp_path / "out"
     for p in paths:
@@ -752,9 +824,11 @@ def test_legacy_module_storage_rs_semantics(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ asyncio
 
 
-def test_async_store_every_method(tmp_path: Path) -> None:
+def test_async_store_every_method(make_store: StoreFactory) -> None:
     async def main() -> None:
-        st = AsyncFileSystemSessionStore(tmp_path, durable=False, lock_timeout=2.0)
+        st = open_async_store(
+            make_store.location(), **make_store.options, durable=False, lock_timeout=2.0
+        )
         s = make_session("as", 2, agent_id="ag")
         await st.save(s)
         assert await st.exists("as")
@@ -779,14 +853,17 @@ def test_async_store_every_method(tmp_path: Path) -> None:
             await st.load("as")
         with pytest.raises(InvalidSessionId):
             await st.load("..")
+        st.close()
 
     asyncio.run(main())
 
 
-def test_gc_and_delete_never_break_concurrent_writers_and_readers(tmp_path: Path) -> None:
+def test_gc_and_delete_never_break_concurrent_writers_and_readers(
+    make_store: StoreFactory,
+) -> None:
     """An eager gc (grace 0) and deletes race writers (append + replace) and readers."""
-    st = _store(tmp_path, lock_timeout=30)
-    st2 = _store(tmp_path, lock_timeout=30)
+    st = make_store(durable=False, lock_timeout=30)
+    st2 = make_store(durable=False, lock_timeout=30)
     st.save(make_session("s", 3))
     st.save(make_session("d", 1))
     stop = threading.Event()
@@ -846,23 +923,23 @@ def test_gc_and_delete_never_break_concurrent_writers_and_readers(tmp_path: Path
     assert st.verify().ok
 
 
-def test_save_again_restores_missing_or_truncated_blobs(tmp_path: Path) -> None:
+def test_save_again_restores_missing_or_truncated_blobs(make_store: StoreFactory) -> None:
     """save() replaces the stored session: afterwards load() returns exactly it."""
-    st = _store(tmp_path)
+    st, raw = make_store(durable=False), make_store.raw()
     s = make_session("r", 3)
     st.save(s)
-    _blob_of(tmp_path, "r", s.loops[0].loop_id).unlink()
-    tb = _blob_of(tmp_path, "r", s.loops[2].loop_id)
-    tb.write_bytes(tb.read_bytes()[:20])
+    raw.delete(_rblob_of(make_store, raw, "r", s.loops[0].loop_id))
+    tb = _rblob_of(make_store, raw, "r", s.loops[2].loop_id)
+    raw.write(tb, raw.read(tb)[:20])
     assert not st.verify().ok
     st.save(s)
     assert _dump(st.load("r")) == _dump(s)
     assert st.verify().ok
 
 
-def test_readers_never_see_a_half_new_session(tmp_path: Path) -> None:
+def test_readers_never_see_a_half_new_session(make_store: StoreFactory) -> None:
     """Whole-session rewrites plus eager gc: every load is exactly one saved version."""
-    st = _store(tmp_path, lock_timeout=30)
+    st = make_store(durable=False, lock_timeout=30)
     versions = {v: [make_loop("s", i, text_bytes=500 + 10 * v) for i in range(4)] for v in range(8)}
     version_of = {lp.model_dump_json(): v for v, lps in versions.items() for lp in lps}
     assert len(version_of) == 32

@@ -1,4 +1,8 @@
-"""The `loopstore` command line, driven in-process (`main(argv)`) and as a real subprocess."""
+"""The `loopstore` command line, driven in-process (`main(argv)`) and as a real subprocess.
+
+Tests taking `any_root` (or `make_store`) run on both backends: ``--root`` is a
+directory, or an s3:// URL on the test SeaweedFS (AWS_* in the environment, as a user
+would configure the command line)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,18 @@ from typing import Any
 import pytest
 
 import loopstore
-from helpers import FIXTURES_DIR, fixture_paths, make_loop, make_session
+from helpers import (
+    FIXTURES_DIR,
+    FsRaw,
+    RawStore,
+    S3Raw,
+    StoreFactory,
+    blob_key,
+    fixture_paths,
+    make_loop,
+    make_session,
+    manifest_key,
+)
 from loopstore import atomic, cli
 from loopstore.errors import (
     CorruptSession,
@@ -28,7 +43,7 @@ from loopstore.errors import (
 )
 from loopstore.models import ContinuationKind, ParallelGroupRecord, Session, Usage
 from loopstore.ondisk import Layout
-from loopstore.store import FileSystemSessionStore
+from loopstore.store import FileSystemSessionStore, SessionStore
 
 PARENT = "0b6f1d3e-0005-4a7c-9e21-5c3a7f9b1d05"
 CHILD = "0b6f1d3e-0006-4a7c-9e21-5c3a7f9b1d06"
@@ -81,10 +96,11 @@ def tree_session() -> Session:
     return session
 
 
-def save_all(path: Path, *, at_rest: bool) -> FileSystemSessionStore:
+def save_all(path: Path | SessionStore, *, at_rest: bool) -> SessionStore:
     """The three phi-core fixtures and the tree session; `at_rest`: journals folded, so
-    every blob is a file in loops/ (as after `loopstore checkpoint --all`)."""
-    store = FileSystemSessionStore(path, durable=False)
+    every blob is a file in loops/ (as after `loopstore checkpoint --all`). `path` is a
+    directory, or a store on either backend."""
+    store = path if isinstance(path, SessionStore) else FileSystemSessionStore(path, durable=False)
     for session in [
         *(Session.model_validate_json(f.read_bytes()) for f in fixture_paths()),
         tree_session(),
@@ -101,6 +117,22 @@ def root(tmp_path: Path) -> Path:
     path = tmp_path / "store"
     save_all(path, at_rest=True).close()
     return path
+
+
+@pytest.fixture
+def stores(make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch) -> StoreFactory:
+    """This test's stores on either backend, with the AWS_* variables pointing the
+    command line at the test server when that is S3 (as a user would configure it)."""
+    for name, value in make_store.env.items():
+        monkeypatch.setenv(name, value)
+    return make_store
+
+
+@pytest.fixture
+def any_root(stores: StoreFactory) -> str:
+    """`root` on either backend, as --root takes it: a directory or an s3:// URL."""
+    save_all(stores(durable=False), at_rest=True).close()
+    return stores.location()
 
 
 @pytest.fixture
@@ -201,18 +233,19 @@ def test_usage_errors_exit_2_with_one_line(
 
 
 def test_read_commands_do_not_create_a_store(
-    capsys: pytest.CaptureFixture[str], missing: Path
+    capsys: pytest.CaptureFixture[str], stores: StoreFactory, tmp_path: Path
 ) -> None:
-    code, out, err = run(capsys, "--root", str(missing), "ls")
+    missing = stores.location("no-store-here")
+    code, out, err = run(capsys, "--root", missing, "ls")
     assert (code, out) == (0, "")
     assert "no store at" in err
-    assert run_json(capsys, "--root", str(missing), "ls") == {
-        "root": str(missing),
+    assert run_json(capsys, "--root", missing, "ls") == {
+        "root": missing,
         "exists": False,
         "sessions": [],
         "damaged": [],
     }
-    assert run_json(capsys, "--root", str(missing), "stats")["sessions"] == 0
+    assert run_json(capsys, "--root", missing, "stats")["sessions"] == 0
     for argv in (
         ["show", PARENT],
         ["tree", PARENT],
@@ -222,13 +255,14 @@ def test_read_commands_do_not_create_a_store(
         ["checkpoint", "--all"],
         ["migrate"],
         ["reindex"],
-        ["export-legacy", "--all", str(missing.parent / "out")],
-        ["backup", str(missing.parent / "backup")],
+        ["export-legacy", "--all", str(tmp_path / "out")],
+        ["backup", str(tmp_path / "backup")],
     ):
-        code, out, err = run(capsys, "--root", str(missing), *argv)
+        code, out, err = run(capsys, "--root", missing, *argv)
         assert code == 3, argv
         assert err.count("\n") == 1 and "no loopstore store at" in err
-    assert not missing.exists()
+    assert stores.raw("no-store-here").ls() == []
+    assert not Path(missing).exists()
 
 
 def test_a_plain_directory_is_not_turned_into_a_store(
@@ -253,16 +287,16 @@ def test_a_directory_of_other_files_is_not_an_empty_store(
 
 
 def test_a_store_from_a_newer_loopstore_is_refused_in_one_line(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
 ) -> None:
-    marker = Layout(root).marker
-    doc = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**doc, "version": 99}))
+    raw = stores.raw()
+    doc = json.loads(raw.read("loopstore.json"))
+    raw.write("loopstore.json", json.dumps({**doc, "version": 99}).encode())
     for argv in (["ls"], ["verify"], ["import-legacy", str(FIXTURES_DIR)]):
-        code, out, err = run(capsys, "--root", str(root), *argv)
+        code, out, err = run(capsys, "--root", any_root, *argv)
         assert (code, out) == (2, ""), argv
         assert err.count("\n") == 1 and "newer than this loopstore supports" in err
-    assert json.loads(marker.read_text())["version"] == 99
+    assert json.loads(raw.read("loopstore.json"))["version"] == 99
 
 
 def test_import_into_a_directory_that_is_not_a_store_is_refused(
@@ -343,8 +377,8 @@ def test_root_from_env_then_default(
 # --- reading ----------------------------------------------------------------------------------
 
 
-def test_ls_json_lists_every_session(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    listing = run_json(capsys, "--root", str(root), "ls")
+def test_ls_json_lists_every_session(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    listing = run_json(capsys, "--root", any_root, "ls")
     rows = {r["session_id"]: r for r in listing["sessions"]}
     assert set(rows) == {PARENT, CHILD, THINKING, TREE}
     assert rows[CHILD]["agent_id"] == "sub-agent-research"
@@ -358,12 +392,12 @@ def test_ls_json_lists_every_session(capsys: pytest.CaptureFixture[str], root: P
     order = [r["session_id"] for r in listing["sessions"]]
     assert order == [CHILD, PARENT, TREE, THINKING]
     # --json is accepted before the command too
-    code, out, _ = run(capsys, "--root", str(root), "--json", "ls")
+    code, out, _ = run(capsys, "--root", any_root, "--json", "ls")
     assert code == 0 and json.loads(out) == listing
 
 
-def test_ls_filters_sorts_and_limits(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    base = ("--root", str(root), "ls")
+def test_ls_filters_sorts_and_limits(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    base = ("--root", any_root, "ls")
     agent = "agent-7f3c9a2e-5b1d-4c8e-9a6f-2d4b8e1c0a93"
     only = run_json(capsys, *base, "--agent", agent)["sessions"]
     assert {r["session_id"] for r in only} == {PARENT, THINKING}
@@ -376,8 +410,8 @@ def test_ls_filters_sorts_and_limits(capsys: pytest.CaptureFixture[str], root: P
     assert run_json(capsys, *base, "--agent", "nobody")["sessions"] == []
 
 
-def test_ls_human_is_an_aligned_table(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    code, out, _ = run(capsys, "--root", str(root), "ls")
+def test_ls_human_is_an_aligned_table(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    code, out, _ = run(capsys, "--root", any_root, "ls")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["SESSION", "AGENT", "LOOPS", "LAST", "ACTIVE", "SIZE"]
@@ -389,9 +423,9 @@ def test_ls_human_is_an_aligned_table(capsys: pytest.CaptureFixture[str], root: 
     assert any("2025-06-04" in line for line in lines)
 
 
-def test_show_header_loops_and_usage(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+def test_show_header_loops_and_usage(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
     fixture = json.loads((FIXTURES_DIR / f"{THINKING}.json").read_text())
-    shown = run_json(capsys, "--root", str(root), "show", THINKING)
+    shown = run_json(capsys, "--root", any_root, "show", THINKING)
     assert list(shown) == [
         "session",
         "loops",
@@ -411,27 +445,27 @@ def test_show_header_loops_and_usage(capsys: pytest.CaptureFixture[str], root: P
     assert shown["usage"] == fixture["loops"][0]["usage"]
     assert loop["model"] == "claude-sonnet-4-5"
 
-    code, out, _ = run(capsys, "--root", str(root), "show", TREE)
+    code, out, _ = run(capsys, "--root", any_root, "show", TREE)
     assert code == 0
     assert f"session:     {TREE}" in out
     assert "rerun (retry)" in out and "branch (alt)" in out
-    tree = run_json(capsys, "--root", str(root), "show", TREE)
+    tree = run_json(capsys, "--root", any_root, "show", TREE)
     total = sum(lp["usage"]["total_tokens"] for lp in tree["loops"])
     assert f"total tokens {total:,}" in out
 
 
 def test_show_links_the_parent_of_a_sub_agent(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], any_root: str
 ) -> None:
-    code, out, _ = run(capsys, "--root", str(root), "show", CHILD)
+    code, out, _ = run(capsys, "--root", any_root, "show", CHILD)
     assert code == 0
     assert f"spawned by:  session {PARENT}" in out
 
 
 def test_tree_marks_kinds_parallel_winner_and_sub_agents(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], any_root: str
 ) -> None:
-    tree = run_json(capsys, "--root", str(root), "tree", TREE)
+    tree = run_json(capsys, "--root", any_root, "tree", TREE)
     loops = {n["index"]: n for n in tree["loops"]}
     ids = {i: n["loop_id"] for i, n in loops.items()}
     assert tree["roots"] == [ids[1]]
@@ -443,7 +477,7 @@ def test_tree_marks_kinds_parallel_winner_and_sub_agents(
     assert [loops[i]["selected"] for i in (5, 6, 7)] == [False, True, False]
     assert loops[1]["selected"] is None
 
-    code, out, _ = run(capsys, "--root", str(root), "tree", TREE)
+    code, out, _ = run(capsys, "--root", any_root, "tree", TREE)
     assert code == 0
     assert out.splitlines()[1:] == [
         "└── #1 test.1  initial  Completed  1 turn",
@@ -455,15 +489,15 @@ def test_tree_marks_kinds_parallel_winner_and_sub_agents(
         "    └── #4 test.4  branch (alt)  Completed  1 turn",
     ]
 
-    parent = run_json(capsys, "--root", str(root), "tree", PARENT)
+    parent = run_json(capsys, "--root", any_root, "tree", PARENT)
     (sub,) = parent["loops"][0]["sub_agents"]
     assert sub["child_session_id"] == CHILD and sub["in_store"] is True
-    child = run_json(capsys, "--root", str(root), "tree", CHILD)
+    child = run_json(capsys, "--root", any_root, "tree", CHILD)
     assert child["parent_spawn_ref"]["parent_session_id"] == PARENT
     assert child["parent_spawn_ref"]["in_store"] is True
-    code, out, _ = run(capsys, "--root", str(root), "tree", PARENT)
+    code, out, _ = run(capsys, "--root", any_root, "tree", PARENT)
     assert f"⇢ sub-agent session {CHILD}" in out and "via research_agent" in out
-    code, out, _ = run(capsys, "--root", str(root), "tree", CHILD)
+    code, out, _ = run(capsys, "--root", any_root, "tree", CHILD)
     assert f"↖ spawned by session {PARENT}" in out
 
 
@@ -494,26 +528,28 @@ def test_tree_of_a_long_chain_and_a_parent_cycle(
 
 @pytest.mark.parametrize("path", fixture_paths(), ids=lambda p: p.stem[-4:])
 def test_cat_is_byte_identical_to_phi_core(
-    capsysbinary: pytest.CaptureFixture[bytes], root: Path, path: Path
+    capsysbinary: pytest.CaptureFixture[bytes], any_root: str, path: Path
 ) -> None:
-    code = cli.main(["--root", str(root), "cat", path.stem])
+    code = cli.main(["--root", any_root, "cat", path.stem])
     assert code == 0
     assert capsysbinary.readouterr().out == path.read_bytes()
 
 
-def test_cat_one_loop_by_id_index_or_suffix(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+def test_cat_one_loop_by_id_index_or_suffix(
+    capsys: pytest.CaptureFixture[str], any_root: str
+) -> None:
     fixture = json.loads((FIXTURES_DIR / f"{PARENT}.json").read_text())
     loop = fixture["loops"][0]
     for wanted in (loop["loop_id"], "1", "-1", "anthropic.claude-sonnet-4-5.1"):
-        code, out, _ = run(capsys, "--root", str(root), "cat", PARENT, wanted)
+        code, out, _ = run(capsys, "--root", any_root, "cat", PARENT, wanted)
         assert code == 0
         assert json.loads(out) == loop
         assert out.startswith('{\n  "loop_id": ')
-    code, _, err = run(capsys, "--root", str(root), "cat", PARENT, "9")
+    code, _, err = run(capsys, "--root", any_root, "cat", PARENT, "9")
     assert code == 3 and PARENT in err and "no loop '9'" in err
-    code, _, err = run(capsys, "--root", str(root), "cat", TREE, "test")  # no dotted suffix
+    code, _, err = run(capsys, "--root", any_root, "cat", TREE, "test")  # no dotted suffix
     assert code == 3
-    code, _, err = run(capsys, "--root", str(root), "cat", TREE, "7")
+    code, _, err = run(capsys, "--root", any_root, "cat", TREE, "7")
     assert code == 0
 
 
@@ -536,37 +572,37 @@ def test_an_ambiguous_loop_suffix_lists_the_matching_loops(
     assert code == 0 and json.loads(out)["loop_id"] == "amb.w1.test.1"
 
 
-def test_stats(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    stats = run_json(capsys, "--root", str(root), "stats")
+def test_stats(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    stats = run_json(capsys, "--root", any_root, "stats")
     assert (stats["sessions"], stats["loops"], stats["orphans"]) == (4, 10, 0)
     # the tree session's seven loops are distinct, so every loop has its own blob
     assert stats["blobs"] == 10
     assert stats["ratio"] == round(stats["raw_bytes"] / stats["stored_bytes"], 3) > 1
-    code, out, _ = run(capsys, "--root", str(root), "stats")
+    code, out, _ = run(capsys, "--root", any_root, "stats")
     assert code == 0 and "ratio:" in out and "x" in out and "damaged" not in out
 
 
 def test_stats_counts_a_damaged_manifest_and_exits_1(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
 ) -> None:
-    Layout(root).manifest(TREE).write_text('{"format": "loopstore.manifest", "gar')
-    code, out, _ = run(capsys, "--root", str(root), "stats", "--json")
+    stores.raw().write(manifest_key(TREE), b'{"format": "loopstore.manifest", "gar')
+    code, out, _ = run(capsys, "--root", any_root, "stats", "--json")
     stats = json.loads(out)
     assert code == 1
     assert (stats["sessions"], stats["damaged"]) == (3, 1)
     assert [p["session_id"] for p in stats["problems"]] == [TREE]
-    code, out, _ = run(capsys, "--root", str(root), "stats")
+    code, out, _ = run(capsys, "--root", any_root, "stats")
     assert code == 1
     assert "sessions: 4  (3 readable, 1 damaged" in out
     assert f"PROBLEM session {TREE!r}: bad_manifest: " in out
 
 
-def test_not_found_and_invalid_ids(capsys: pytest.CaptureFixture[str], root: Path) -> None:
+def test_not_found_and_invalid_ids(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
     for command in ("show", "tree", "cat", "verify", "rm"):
-        code, _, err = run(capsys, "--root", str(root), command, "nope")
+        code, _, err = run(capsys, "--root", any_root, command, "nope")
         assert code == 3, command
         assert err.count("\n") == 1 and "'nope'" in err and "not found" in err
-    code, _, err = run(capsys, "--root", str(root), "show", "../etc")
+    code, _, err = run(capsys, "--root", any_root, "show", "../etc")
     assert code == 2 and err.count("\n") == 1 and "'../etc'" in err
 
 
@@ -577,58 +613,60 @@ def a_blob(root: Path, session_id: str) -> Path:
     return sorted(Layout(root).loops_dir(session_id).iterdir())[0]
 
 
-def test_verify_clean(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    report = run_json(capsys, "--root", str(root), "verify")
+def _raw(root: Path | RawStore) -> RawStore:
+    return FsRaw(root) if isinstance(root, Path) else root
+
+
+def test_verify_clean(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    report = run_json(capsys, "--root", any_root, "verify")
     assert report["ok"] is True and report["problems"] == []
     assert report["sessions_checked"] == 4 and report["blobs_checked"] == 10
-    code, out, _ = run(capsys, "--root", str(root), "verify", PARENT)
+    code, out, _ = run(capsys, "--root", any_root, "verify", PARENT)
     assert code == 0 and out == "ok: 1 session, 1 blob checked, 0 problems, 0 orphans\n"
 
 
-def corrupt_flip(root: Path) -> str:
-    blob = a_blob(root, PARENT)
-    data = bytearray(blob.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    blob.chmod(0o644)
-    blob.write_bytes(bytes(data))
+def corrupt_flip(root: Path | RawStore) -> str:
+    raw = _raw(root)
+    raw.flip(raw.ls(f"sessions/{PARENT}/loops/")[0])
     return PARENT
 
 
-def corrupt_delete(root: Path) -> str:
-    a_blob(root, CHILD).unlink()
+def corrupt_delete(root: Path | RawStore) -> str:
+    raw = _raw(root)
+    raw.delete(raw.ls(f"sessions/{CHILD}/loops/")[0])
     return CHILD
 
 
-def corrupt_manifest(root: Path) -> str:
-    manifest = Layout(root).manifest(THINKING)
-    manifest.chmod(0o644)
-    manifest.write_text('{"format": 1, "session_id": ', encoding="utf-8")
+def corrupt_manifest(root: Path | RawStore) -> str:
+    _raw(root).write(manifest_key(THINKING), b'{"format": 1, "session_id": ')
     return THINKING
 
 
 @pytest.mark.parametrize("damage", [corrupt_flip, corrupt_delete, corrupt_manifest])
-def test_verify_finds_damage(capsys: pytest.CaptureFixture[str], root: Path, damage: Any) -> None:
-    damaged = damage(root)
-    code, out, err = run(capsys, "--root", str(root), "verify", "--json")
+def test_verify_finds_damage(
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory, damage: Any
+) -> None:
+    damaged = damage(stores.raw())
+    code, out, err = run(capsys, "--root", any_root, "verify", "--json")
     assert code == 1, err
     report = json.loads(out)
     assert report["ok"] is False
     assert {p["session_id"] for p in report["problems"]} == {damaged}
     assert all(p["kind"] and p["detail"] for p in report["problems"])
-    code, out, _ = run(capsys, "--root", str(root), "verify")
+    code, out, _ = run(capsys, "--root", any_root, "verify")
     assert code == 1
     assert f"PROBLEM session {damaged!r}" in out and out.splitlines()[-1].startswith("DAMAGED")
-    code, _, _ = run(capsys, "--root", str(root), "verify", TREE)
+    code, _, _ = run(capsys, "--root", any_root, "verify", TREE)
     assert code == 0
-    code, _, err = run(capsys, "--root", str(root), "cat", damaged)
+    code, _, err = run(capsys, "--root", any_root, "cat", damaged)
     assert code == 1 and damaged in err and err.count("\n") == 1
 
 
 def test_ls_lists_the_healthy_and_flags_a_damaged_manifest(
-    capsys: pytest.CaptureFixture[str], root: Path
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
 ) -> None:
-    corrupt_manifest(root)
-    code, out, err = run(capsys, "--root", str(root), "ls", "--json")
+    corrupt_manifest(stores.raw())
+    code, out, err = run(capsys, "--root", any_root, "ls", "--json")
     assert code == 1
     listing = json.loads(out)
     assert {r["session_id"] for r in listing["sessions"]} == {PARENT, CHILD, TREE}
@@ -636,24 +674,26 @@ def test_ls_lists_the_healthy_and_flags_a_damaged_manifest(
     assert err.startswith(f"loopstore: warning: session {THINKING!r}: ") and err.count("\n") == 1
 
 
-def test_gc_removes_orphans_after_grace(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    orphan = Layout(root).blob(PARENT, "0" * 32)
-    orphan.write_bytes(b"not referenced")
-    report = run_json(capsys, "--root", str(root), "verify")
+def test_gc_removes_orphans_after_grace(
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
+) -> None:
+    raw, orphan = stores.raw(), blob_key(PARENT, "0" * 32)
+    raw.write(orphan, b"not referenced")
+    report = run_json(capsys, "--root", any_root, "verify")
     assert report["ok"] is True and len(report["orphans"]) == 1
-    kept = run_json(capsys, "--root", str(root), "gc")  # default grace: too young to remove
-    assert orphan.exists() and kept["dry_run"] is False
+    kept = run_json(capsys, "--root", any_root, "gc")  # default grace: too young to remove
+    assert raw.exists(orphan) and kept["dry_run"] is False
     assert (kept["kept_young"], kept["blobs_removed"], kept["ok"]) == (1, 0, True)
-    code, out, _ = run(capsys, "--root", str(root), "gc")
+    code, out, _ = run(capsys, "--root", any_root, "gc")
     assert code == 0 and out.startswith("gc removed: nothing (4 sessions scanned; grace 900 s)")
     assert "kept 1 unreferenced file younger than the grace period (900 s)" in out
-    dry = run_json(capsys, "--root", str(root), "gc", "--grace", "0", "--dry-run")
-    assert dry["dry_run"] is True and orphan.exists()
-    done = run_json(capsys, "--root", str(root), "gc", "--grace", "0")
-    assert not orphan.exists()
+    dry = run_json(capsys, "--root", any_root, "gc", "--grace", "0", "--dry-run")
+    assert dry["dry_run"] is True and raw.exists(orphan)
+    done = run_json(capsys, "--root", any_root, "gc", "--grace", "0")
+    assert not raw.exists(orphan)
     assert (done["blobs_removed"], done["kept_young"]) == (1, 0)
-    assert run_json(capsys, "--root", str(root), "verify")["orphans"] == []
-    code, out, _ = run(capsys, "--root", str(root), "gc", "--grace", "0")
+    assert run_json(capsys, "--root", any_root, "verify")["orphans"] == []
+    code, out, _ = run(capsys, "--root", any_root, "gc", "--grace", "0")
     assert code == 0 and out.startswith("gc removed:")
 
 
@@ -661,22 +701,22 @@ def test_gc_removes_orphans_after_grace(capsys: pytest.CaptureFixture[str], root
 
 
 def test_import_then_export_is_byte_identical(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stores: StoreFactory
 ) -> None:
-    store = tmp_path / "fresh"
-    report = run_json(capsys, "--root", str(store), "import-legacy", str(FIXTURES_DIR))
+    store = stores.location("fresh")
+    report = run_json(capsys, "--root", store, "import-legacy", str(FIXTURES_DIR))
     assert report  # the store's ImportReport, as JSON
-    listing = run_json(capsys, "--root", str(store), "ls")
+    listing = run_json(capsys, "--root", store, "ls")
     assert {r["session_id"] for r in listing["sessions"]} == {p.stem for p in fixture_paths()}
 
     out_all = tmp_path / "all"
-    exported = run_json(capsys, "--root", str(store), "export-legacy", "--all", str(out_all))
+    exported = run_json(capsys, "--root", store, "export-legacy", "--all", str(out_all))
     assert len(exported["exported"]) == 3
     for path in fixture_paths():
         assert (out_all / path.name).read_bytes() == path.read_bytes()
 
     out_two = tmp_path / "two"
-    code, out, _ = run(capsys, "--root", str(store), "export-legacy", PARENT, CHILD, str(out_two))
+    code, out, _ = run(capsys, "--root", store, "export-legacy", PARENT, CHILD, str(out_two))
     assert code == 0 and len(out.splitlines()) == 2
     assert sorted(p.name for p in out_two.iterdir()) == [f"{PARENT}.json", f"{CHILD}.json"]
     assert (out_two / f"{CHILD}.json").read_bytes() == (FIXTURES_DIR / f"{CHILD}.json").read_bytes()
@@ -690,14 +730,14 @@ def test_import_missing_dir_is_not_found(
     assert not (tmp_path / "s").exists()
 
 
-def test_rm(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    code, out, _ = run(capsys, "--root", str(root), "rm", CHILD)
+def test_rm(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
+    code, out, _ = run(capsys, "--root", any_root, "rm", CHILD)
     assert (code, out) == (0, f"removed {CHILD}\n")
-    assert run(capsys, "--root", str(root), "show", CHILD)[0] == 3
+    assert run(capsys, "--root", any_root, "show", CHILD)[0] == 3
     # the parent still links to it, marked as missing
-    code, out, _ = run(capsys, "--root", str(root), "tree", PARENT)
+    code, out, _ = run(capsys, "--root", any_root, "tree", PARENT)
     assert "(not in this store)" in out
-    code, out, err = run(capsys, "--root", str(root), "rm", CHILD, THINKING)
+    code, out, err = run(capsys, "--root", any_root, "rm", CHILD, THINKING)
     assert code == 3 and f"removed {THINKING}" in out and CHILD in err
 
 
@@ -725,6 +765,7 @@ def lock_holder(root: Path) -> Iterator[subprocess.Popen[str]]:
     proc.wait(timeout=30)
 
 
+# Filesystem only: on S3 `lock()` excludes the threads of one process (FORMAT.md 7).
 def test_locked_session_exits_4(
     capsys: pytest.CaptureFixture[str], root: Path, lock_holder: subprocess.Popen[str]
 ) -> None:
@@ -992,7 +1033,7 @@ def test_reindex_rebuilds_the_catalog_and_names_damaged_sessions(
 
 
 def test_cat_builds_no_model(
-    capsysbinary: pytest.CaptureFixture[bytes], root: Path, monkeypatch: pytest.MonkeyPatch
+    capsysbinary: pytest.CaptureFixture[bytes], any_root: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`cat` prints the stored bytes: no pydantic model is built on the way."""
     from loopstore.models import LoopRecord
@@ -1003,12 +1044,12 @@ def test_cat_builds_no_model(
     for cls in (Session, LoopRecord):
         for name in ("model_validate", "model_validate_json"):
             monkeypatch.setattr(cls, name, no_model)
-    monkeypatch.setattr(FileSystemSessionStore, "load", no_model)
-    monkeypatch.setattr(FileSystemSessionStore, "load_loop", no_model)
+    monkeypatch.setattr(SessionStore, "load", no_model)
+    monkeypatch.setattr(SessionStore, "load_loop", no_model)
     fixture = FIXTURES_DIR / f"{PARENT}.json"
-    assert cli.main(["--root", str(root), "cat", PARENT]) == 0
+    assert cli.main(["--root", any_root, "cat", PARENT]) == 0
     assert capsysbinary.readouterr().out == fixture.read_bytes()
-    assert cli.main(["--root", str(root), "cat", PARENT, "-1"]) == 0
+    assert cli.main(["--root", any_root, "cat", PARENT, "-1"]) == 0
     loop = json.loads(capsysbinary.readouterr().out)
     assert loop == json.loads(fixture.read_bytes())["loops"][-1]
 
@@ -1016,6 +1057,8 @@ def test_cat_builds_no_model(
 # --- journals: show, checkpoint; migrate -----------------------------------------------------
 
 
+# Filesystem only: on S3 a new session's first commit is folded at once (FORMAT.md 7),
+# so these sessions have no journal to show or fold (the S3 test below runs checkpoint).
 def test_checkpoint_folds_journals_so_blobs_are_files(
     capsys: pytest.CaptureFixture[str], journaled: Path
 ) -> None:
@@ -1069,59 +1112,61 @@ def test_migrate_upgrades_a_v1_store(capsys: pytest.CaptureFixture[str], tmp_pat
 # --- stats and verify agree; gc, import, backup report what they left -------------------------
 
 
-def test_stats_and_verify_agree(capsys: pytest.CaptureFixture[str], root: Path) -> None:
-    Layout(root).blob(PARENT, "0" * 32).write_bytes(b"not referenced")
-    stats = run_json(capsys, "--root", str(root), "stats")
-    report = run_json(capsys, "--root", str(root), "verify")
+def test_stats_and_verify_agree(
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
+) -> None:
+    stores.raw().write(blob_key(PARENT, "0" * 32), b"not referenced")
+    stats = run_json(capsys, "--root", any_root, "stats")
+    report = run_json(capsys, "--root", any_root, "verify")
     assert stats["sessions"] + stats["damaged"] == report["sessions_checked"] == 4
     assert stats["blobs"] == report["blobs_checked"] == 10
     assert stats["orphans"] == len(report["orphans"]) == 1
-    corrupt_manifest(root)
-    code, out, _ = run(capsys, "--root", str(root), "stats", "--json")
+    corrupt_manifest(stores.raw())
+    code, out, _ = run(capsys, "--root", any_root, "stats", "--json")
     stats = json.loads(out)
-    code, out, _ = run(capsys, "--root", str(root), "verify", "--json")
+    code, out, _ = run(capsys, "--root", any_root, "verify", "--json")
     report = json.loads(out)
     assert stats["sessions"] + stats["damaged"] == report["sessions_checked"] == 4
     assert stats["orphans"] == len(report["orphans"]) == 1
     assert stats["damaged"] == report["damaged_sessions"] == 1
     # ... and people see the same numbers
-    code, out, _ = run(capsys, "--root", str(root), "stats")
+    code, out, _ = run(capsys, "--root", any_root, "stats")
     assert code == 1 and "sessions: 4  (3 readable, 1 damaged" in out and "orphans:  1  " in out
-    code, out, _ = run(capsys, "--root", str(root), "verify")
+    code, out, _ = run(capsys, "--root", any_root, "verify")
     assert code == 1 and out.splitlines()[-1].startswith("DAMAGED: 4 sessions (1 damaged), ")
     assert out.splitlines()[-1].endswith(", 1 problem, 1 orphan")
 
 
 def test_import_conflicts_keep_the_store_unless_overwrite(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stores: StoreFactory
 ) -> None:
     files = tmp_path / "files"
     files.mkdir()
     shutil.copy(FIXTURES_DIR / f"{PARENT}.json", files)
-    store_dir = tmp_path / "store"
-    assert run_json(capsys, "--root", str(store_dir), "import-legacy", str(files))["imported"] == [
+    store_dir = stores.location("store")
+    assert run_json(capsys, "--root", store_dir, "import-legacy", str(files))["imported"] == [
         PARENT
     ]
-    store = FileSystemSessionStore(store_dir, durable=False)
+    store = stores("store", durable=False)
     store.append_loop(PARENT, make_loop(PARENT, 5, agent_id=store.load(PARENT).agent_id))
-    code, out, _ = run(capsys, "--root", str(store_dir), "import-legacy", str(files), "--json")
+    code, out, _ = run(capsys, "--root", store_dir, "import-legacy", str(files), "--json")
     doc = json.loads(out)
     assert code == 1 and (doc["ok"], doc["conflicts"], doc["updated"]) == (False, [PARENT], [])
     assert len(store.load(PARENT).loops) == 2  # the store's extra loop is kept
-    code, out, _ = run(capsys, "--root", str(store_dir), "import-legacy", str(files))
+    code, out, _ = run(capsys, "--root", store_dir, "import-legacy", str(files))
     assert code == 1 and f"CONFLICT session {PARENT!r}: " in out and "--overwrite" in out
     assert out.splitlines()[-1].endswith("1 conflict, 0 failed")
-    forced = run_json(capsys, "--root", str(store_dir), "import-legacy", str(files), "--overwrite")
+    forced = run_json(capsys, "--root", store_dir, "import-legacy", str(files), "--overwrite")
     assert (forced["ok"], forced["updated"], forced["conflicts"]) == (True, [PARENT], [])
     assert store.load_json(PARENT) == (files / f"{PARENT}.json").read_bytes()
 
 
 def test_reimporting_the_same_files_changes_nothing(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
+    capsys: pytest.CaptureFixture[str], stores: StoreFactory
 ) -> None:
-    store_dir = tmp_path / "store"
-    first = run_json(capsys, "--root", str(store_dir), "import-legacy", str(FIXTURES_DIR))
-    again = run_json(capsys, "--root", str(store_dir), "import-legacy", str(FIXTURES_DIR))
+    store_dir = stores.location("store")
+    first = run_json(capsys, "--root", store_dir, "import-legacy", str(FIXTURES_DIR))
+    again = run_json(capsys, "--root", store_dir, "import-legacy", str(FIXTURES_DIR))
     assert sorted(again["unchanged"]) == sorted(first["imported"]) and again["ok"] is True
 
 
@@ -1343,6 +1388,50 @@ def test_an_s3_root_goes_through_open_store(
     assert code == 2 and err.count("\n") == 1 and "directory store" in err
 
 
+def test_an_s3_root_on_a_real_server(
+    capsys: pytest.CaptureFixture[str],
+    seaweedfs: Any,
+    s3_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the test above checks through the routing fake, on a real SeaweedFS: --root
+    and LOOPSTORE_ROOT as s3:// URLs (endpoint and credentials from AWS_*), backups both
+    ways, checkpoint and gc on the bucket, and a prefix without a store left empty."""
+    from loopstore.locations import open_store
+
+    for name, value in seaweedfs.env().items():
+        monkeypatch.setenv(name, value)
+    base = f"s3://{seaweedfs.bucket}/{s3_prefix}"
+    url = base + "team/store"
+    save_all(open_store(url), at_rest=True).close()
+    listing = run_json(capsys, "--root", url, "ls")
+    assert listing["root"] == url and len(listing["sessions"]) == 4
+    assert run(capsys, "--root", url, "verify")[0] == 0
+    assert run(capsys, "--root", url, "--lock-timeout", "0.5", "rm", CHILD)[0] == 0
+    monkeypatch.setenv("LOOPSTORE_ROOT", url)
+    assert run_json(capsys, "stats")["root"] == url
+    nightly = base + "backups/nightly"
+    backup = run_json(capsys, "backup", nightly, "--verify")
+    assert backup["backup"]["dest"] == nightly and backup["verify"]["in_sync"] is True
+    restored = tmp_path / "restored"  # and back out of the bucket, into a directory
+    back = run_json(capsys, "--root", nightly, "backup", str(restored), "--verify")
+    assert back["backup"]["sessions"] == 3 and back["verify"]["in_sync"] is True
+    copy = run_json(capsys, "--root", str(restored), "ls")["sessions"]
+    assert {r["session_id"] for r in copy} == {PARENT, THINKING, TREE}
+    assert run_json(capsys, "checkpoint", "--all")["failed"] == []
+    assert run_json(capsys, "gc", "--grace", "0")["ok"] is True  # (CHILD's tombstone)
+    assert run_json(capsys, "verify")["orphans"] == []
+    # a prefix without a store: reading commands say so and create nothing
+    typo = base + "typo"
+    code, out, err = run(capsys, "--root", typo, "show", PARENT)
+    assert (code, out) == (3, "") and f"no loopstore store at {typo}" in err
+    assert run_json(capsys, "--root", typo, "ls")["exists"] is False
+    assert S3Raw(seaweedfs.client_kwargs(), seaweedfs.bucket, s3_prefix + "typo/").ls() == []
+    code, _, err = run(capsys, "--root", url, "demo", "--fresh")
+    assert code == 2 and err.count("\n") == 1 and "directory store" in err
+
+
 def test_an_unknown_url_scheme_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "--root", "ftp://host/store", "ls")
     assert (code, out) == (2, "")
@@ -1352,8 +1441,8 @@ def test_an_unknown_url_scheme_is_a_usage_error(capsys: pytest.CaptureFixture[st
 # --- the real console script --------------------------------------------------------------------
 
 
-def test_console_script_end_to_end(root: Path, tmp_path: Path) -> None:
-    env = subprocess_env(LOOPSTORE_ROOT=str(root))
+def test_console_script_end_to_end(any_root: str, stores: StoreFactory) -> None:
+    env = subprocess_env(LOOPSTORE_ROOT=any_root, **stores.env)
     version = subprocess.run([SCRIPT, "--version"], capture_output=True, text=True, env=env)
     assert (version.returncode, version.stdout) == (0, f"loopstore {loopstore.__version__}\n")
 

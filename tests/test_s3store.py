@@ -9,7 +9,6 @@ Workers run in spawned processes (they import this module by name).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from helpers import FIXTURES_DIR, loop_blob, make_loop, make_session
-from loopstore import locations, maintenance, ondisk, s3backend
+from loopstore import locations, ondisk, s3backend
 from loopstore.errors import (
     LoopNotFound,
     SessionLocked,
@@ -89,19 +88,6 @@ def _dump(obj: Any) -> str:
 
 def _records(server: Any, prefix: str, sid: str) -> list[str]:
     return [k for k in _keys(server, f"{prefix}sessions/{sid}/") if k.startswith("log/")]
-
-
-def _maintenance_knows_records() -> bool:
-    """Whether maintenance classifies object-store records (`ondisk.record_seq`)."""
-    return "record_seq" in inspect.getsource(maintenance)
-
-
-NEEDS_RECORD_GC = pytest.mark.xfail(
-    not _maintenance_knows_records(),
-    reason="maintenance._session_files does not classify log/<seq>.rec records yet "
-    "(the change is described in the S3 backend's report)",
-    strict=True,
-)
 
 
 # --------------------------------------------------------------------------- layout, API
@@ -305,7 +291,6 @@ def test_verify_gc_and_stats(
     assert _keys(seaweedfs, f"{s3_prefix}sessions/") == []
 
 
-@NEEDS_RECORD_GC
 def test_gc_removes_records_a_checkpoint_folded(
     seaweedfs: SeaweedFSServer, s3_prefix: str, s3: S3SessionStore
 ) -> None:

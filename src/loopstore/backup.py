@@ -20,6 +20,7 @@ time: each is a committed state, the set is not one instant of the whole store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import deque
@@ -156,8 +157,9 @@ class _Damaged(Exception):
 
 
 class _Stale(Exception):
-    """The source committed after the backup read it: read it again (never install an
-    older state than the source has when the destination's lock is held)."""
+    """The source committed after the backup read it, or (an object store, whose lock
+    is per process) another process wrote the destination session first: read both
+    again. A backup never publishes an older state than the source had."""
 
 
 class _Vanished(Exception):
@@ -274,16 +276,19 @@ def _backup_state(run: _Run, sid: str, tally: _Tally) -> str:
         state = r.state
         sizes = {e.blob: e.stored_size for e in state.entries}
         with dst.lock(sid), dst.backend.session(sid) as dh:
+            unreadable = False
             try:
                 dr = dst.read_state(dh, fresh=True) if dh is not None else None
             except SessionError:
-                dr = None  # a damaged copy is simply replaced
+                dr, unreadable = None, True  # a damaged copy is simply replaced
             if dh is None or dr is None:
                 blobs, links = _source_blobs(run, tally, h, state)
                 _check_current(src, h, state)
                 try:
                     linked, written = dst._install(state, blobs, links)
-                except CommitConflict:  # an object store keeps a copy it cannot read
+                except CommitConflict:
+                    if not unreadable:  # another process published it (object store)
+                        raise _Stale from None
                     raise _Damaged(
                         "DEST holds a copy of this session that cannot be read and is not "
                         "replaced in place on this store: delete it there "
@@ -308,7 +313,12 @@ def _backup_state(run: _Run, sid: str, tally: _Tally) -> str:
                 change.set_header(state.header)
                 change.set_loops(state.entries, {})
                 if not change.empty:
-                    dst._fold(dh, dst._commit(sid, dh, dr, change, at_ns=state.committed_at_ns))
+                    try:
+                        done = dst._commit(sid, dh, dr, change, at_ns=state.committed_at_ns)
+                    except CommitConflict:  # another process committed first (object store)
+                        raise _Stale from None
+                    with contextlib.suppress(CommitConflict):  # folded by another: as good
+                        dst._fold(dh, done)
     tally.files_linked += len(linked)
     tally.bytes_linked += sum(sizes[d] for d in linked)
     tally.files_copied += len(written)
