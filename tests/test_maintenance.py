@@ -197,3 +197,31 @@ def test_store_wide_work_runs_in_memory_that_does_not_grow_with_the_store(
         peaks[n] = _peaks_kib(tmp_path / f"s{n}", tmp_path / f"out{n}")
     for op, small, big in zip(_OPS, peaks[300], peaks[1500], strict=True):
         assert big - small < 3_000, f"after {op}: peak RSS {small} KiB at 300, {big} KiB at 1500"
+
+
+def test_verify_in_worker_processes_reports_what_one_process_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify(processes=2) (what the command line runs) checks chunks of sessions in
+    spawned processes; the report is the one a single process makes, in the same order."""
+    from helpers import make_session
+    from loopstore import maintenance
+
+    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+    for i in range(12):
+        store.save(make_session(f"s{i:02d}", 2))
+    store.checkpoint("s03")
+    store.checkpoint("s07")
+    damaged = store.layout.blob("s03", store.session_state("s03").entries[0].blob)
+    damaged.write_bytes(b"rot")
+    (store.layout.loops_dir("s07") / ("0" * 32 + ".zst")).write_bytes(b"stray")
+    monkeypatch.setattr(maintenance, "VERIFY_PARALLEL_MIN_SESSIONS", 4)
+    monkeypatch.setattr(maintenance, "VERIFY_CHUNK", 5)
+    progress: list[tuple[int, int]] = []
+    one = store.verify()
+    two = store.verify(processes=2, progress=lambda done, total: progress.append((done, total)))
+    assert not one.ok and [p.session_id for p in one.problems] == ["s03"]
+    assert two.problems == one.problems
+    assert [(o.path, o.kind) for o in two.orphans] == [(o.path, o.kind) for o in one.orphans]
+    assert (two.sessions_checked, two.blobs_checked) == (one.sessions_checked, 24)
+    assert progress == [(5, 12), (10, 12), (12, 12)]
