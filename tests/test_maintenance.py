@@ -219,6 +219,11 @@ def test_verify_in_worker_processes_reports_what_one_process_does(
     monkeypatch.setattr(maintenance, "VERIFY_CHUNK", 5)
     progress: list[tuple[int, int]] = []
     one = store.verify()
+
+    def not_here(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a session was checked in the calling process")
+
+    monkeypatch.setattr(maintenance, "_verify_session", not_here)  # the workers import theirs
     two = store.verify(processes=2, progress=lambda done, total: progress.append((done, total)))
     assert not one.ok and [p.session_id for p in one.problems] == ["s03"]
     assert two.problems == one.problems
