@@ -58,22 +58,23 @@ def bench_single(
 
 def _worker(
     location: str, options: dict[str, Any], sid: str, w: int, duration: float, barrier: Any
-) -> tuple[int, int]:
+) -> tuple[int, dict[str, int]]:
     pool = bl.realistic_pool(1)
     loops = bl.fresh_loops(pool, int(duration * 400) + 5, session_id=sid, tag=f"w{w}.")
     store = _store(location, options)
     store.append_loop(sid, loops[0])
     barrier.wait()
     stop = time.monotonic() + duration
-    done = errors = 0
+    done = 0
+    errors: dict[str, int] = {}
     for lp in loops[1:]:
         if time.monotonic() >= stop:
             break
         try:
             store.append_loop(sid, lp)
             done += 1
-        except Exception:  # counted: not acknowledged
-            errors += 1
+        except Exception as exc:  # counted: not acknowledged
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
     store.close()
     return done, errors
 
@@ -92,7 +93,15 @@ def bench_parallel(
         results = pool.starmap(_worker, tasks)
         wall = time.monotonic() - t0
     done = sum(r[0] for r in results)
-    return {"rate_per_s": done / min(wall, duration), "errors": float(sum(r[1] for r in results))}
+    kinds: dict[str, int] = {}
+    for _done, errs in results:
+        for name, n in errs.items():
+            kinds[name] = kinds.get(name, 0) + n
+    return {
+        "rate_per_s": done / min(wall, duration),
+        "errors": float(sum(kinds.values())),
+        "error_kinds": kinds,
+    }
 
 
 def bench_reads(
@@ -252,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     seconds = time.monotonic() - t_start
     print(bl.render(rows))
+    for kind in ("s3", "fs"):
+        for mode in ("own", "shared"):
+            if res[kind][mode]["error_kinds"]:
+                print(f"{kind} {mode}: errors {res[kind][mode]['error_kinds']}")
     print(f"{seconds:.0f} s in all; load average at the end {' '.join(map(str, bl.loadavg()))}")
     if args.json:
         bl.write_json(args.json, bl.document("bench_s3", env, cfg, rows, **res))
