@@ -53,6 +53,8 @@ MUTATIONS = {
     "journal": ("appends", "interleaved"),
     "session-dir": ("appends-checkpoint", "save", "update"),
     "loops-dir": ("appends-checkpoint", "save"),
+    "blob": ("appends-checkpoint", "save"),
+    "manifest": ("appends-checkpoint", "save"),
 }
 CLEAN_SCENARIOS = [name for name in catalog(SHORT) if name not in BUG_SCENARIOS]
 
