@@ -6,9 +6,7 @@ use neither need none of it.
 
 A test that takes `make_store` (or `backend`) runs twice, ``[fs]`` and ``[s3]``: once on
 a directory store, once on an S3 store under its own prefix of the shared SeaweedFS
-bucket. ``@pytest.mark.s3_bug("...")`` marks its ``[s3]`` case as a known S3 backend bug
-(strict xfail: it fails the run once fixed, so the mark gets removed); with
-``fixture="other_backend"`` the cases whose second store (a backup's dest) is on S3.
+bucket.
 """
 
 from __future__ import annotations
@@ -27,25 +25,6 @@ if TYPE_CHECKING:
     from s3server import ConditionIgnoringS3Server, SeaweedFSServer
 
 BACKENDS = ("fs", "s3")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "s3_bug(reason, fixture='backend'): the cases of a backend-parametrized test whose "
-        "`fixture` is 's3' fail on a known S3 backend bug (strict xfail)",
-    )
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        callspec = getattr(item, "callspec", None)
-        if callspec is None:
-            continue
-        for mark in item.iter_markers("s3_bug"):
-            if callspec.params.get(mark.kwargs.get("fixture", "backend")) == "s3":
-                reason = f"S3 backend bug: {mark.args[0]}"
-                item.add_marker(pytest.mark.xfail(strict=True, reason=reason))
 
 
 @pytest.fixture(scope="session")

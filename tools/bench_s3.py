@@ -193,71 +193,36 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     s3, fs = res["s3"], res["fs"]
-    label = "directory"
     p = args.procs
-    rows = [
-        bl.compare(
-            "1",
-            "single-writer durable append, median",
-            s3["single"]["p50_s"],
-            fs["single"]["p50_s"],
-            label=label,
-        ),
-        bl.compare(
-            "1",
-            "single-writer durable append, p99",
-            s3["single"]["p99_s"],
-            fs["single"]["p99_s"],
-            label=label,
-        ),
-        bl.compare(
-            "2",
-            f"{p} procs, own sessions: appends/s",
-            s3["own"]["rate_per_s"],
-            fs["own"]["rate_per_s"],
-            unit="/s",
-            label=label,
-        ),
-        bl.compare(
+    table = [  # key, measure, unit, the figure from one store's results
+        ("1", "single-writer durable append, median", "s", lambda r: r["single"]["p50_s"]),
+        ("1", "single-writer durable append, p99", "s", lambda r: r["single"]["p99_s"]),
+        ("2", f"{p} procs, own sessions: appends/s", "/s", lambda r: r["own"]["rate_per_s"]),
+        (
             "2",
             f"{p} procs, one shared session: appends/s",
-            s3["shared"]["rate_per_s"],
-            fs["shared"]["rate_per_s"],
-            unit="/s",
-            label=label,
+            "/s",
+            lambda r: r["shared"]["rate_per_s"],
         ),
-        bl.compare(
+        (
             "2",
             "errors, all parallel runs",
-            s3["own"]["errors"] + s3["shared"]["errors"],
-            fs["own"]["errors"] + fs["shared"]["errors"],
-            unit="count",
-            label=label,
+            "count",
+            lambda r: r["own"]["errors"] + r["shared"]["errors"],
         ),
-        bl.compare(
+        (
             "3",
             f"load() of {LOAD_LOOPS} loops, fresh store object",
-            s3["reads"]["load_cold_s"],
-            fs["reads"]["load_cold_s"],
-            label=label,
+            "s",
+            lambda r: r["reads"]["load_cold_s"],
         ),
-        bl.compare(
-            "3",
-            f"load() of {LOAD_LOOPS} loops, warm",
-            s3["reads"]["load_warm_s"],
-            fs["reads"]["load_warm_s"],
-            label=label,
-        ),
-        bl.compare(
-            "3", "load_loop()", s3["reads"]["load_loop_s"], fs["reads"]["load_loop_s"], label=label
-        ),
-        bl.compare(
-            "4",
-            f"list_ids(), {LIST_SESSIONS + 1} sessions",
-            s3["reads"]["list_ids_s"],
-            fs["reads"]["list_ids_s"],
-            label=label,
-        ),
+        ("3", f"load() of {LOAD_LOOPS} loops, warm", "s", lambda r: r["reads"]["load_warm_s"]),
+        ("3", "load_loop()", "s", lambda r: r["reads"]["load_loop_s"]),
+        ("4", f"list_ids(), {LIST_SESSIONS + 1} sessions", "s", lambda r: r["reads"]["list_ids_s"]),
+    ]
+    rows = [
+        bl.compare(key, measure, pick(s3), pick(fs), unit=unit, label="directory")
+        for key, measure, unit, pick in table
     ]
     seconds = time.monotonic() - t_start
     print(bl.render(rows))

@@ -323,32 +323,28 @@ class FsSession:
         except OSError as exc:
             raise self._err("read blob", self._b.layout.blob(self.session_id, digest), exc) from exc
 
-    def blob_size(self, digest: str) -> int | None:
-        """Size of a materialized blob file, None if it is missing (or not a regular file)."""
+    def _stat_blob(self, digest: str) -> os.stat_result | None:
+        """A materialized blob file's stat (not following a symlink), None if missing."""
         try:
             lfd = self._loops_fd()
             if lfd is None:
                 return None
-            st = os.stat(ondisk.blob_filename(digest), dir_fd=lfd, follow_symlinks=False)
+            return os.stat(ondisk.blob_filename(digest), dir_fd=lfd, follow_symlinks=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise self._err("stat blob", self._b.layout.blob(self.session_id, digest), exc) from exc
-        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def blob_size(self, digest: str) -> int | None:
+        """Size of a materialized blob file, None if it is missing (or not a regular file)."""
+        st = self._stat_blob(digest)
+        return st.st_size if st is not None and stat.S_ISREG(st.st_mode) else None
 
     def blob_identity(self, digest: str) -> tuple[int, int] | None:
         """(device, inode) of a materialized blob file, None if missing: backups use it
         to tell a copy from a hard link."""
-        try:
-            lfd = self._loops_fd()
-            if lfd is None:
-                return None
-            st = os.stat(ondisk.blob_filename(digest), dir_fd=lfd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise self._err("stat blob", self._b.layout.blob(self.session_id, digest), exc) from exc
-        return (st.st_dev, st.st_ino)
+        st = self._stat_blob(digest)
+        return None if st is None else (st.st_dev, st.st_ino)
 
     def blob_path(self, digest: str) -> Path:
         return self._b.layout.blob(self.session_id, digest)

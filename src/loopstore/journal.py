@@ -314,7 +314,7 @@ class SessionState:
 
     @cached_property
     def header_json(self) -> bytes:
-        return json.dumps(dict(self.header), ensure_ascii=False, separators=(",", ":")).encode()
+        return ondisk.header_json(self.header)
 
     # -- replay ------------------------------------------------------------------
 

@@ -499,27 +499,10 @@ class Manifest:
     version: int = FORMAT_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    @cached_property
-    def header_json(self) -> bytes:
-        return json.dumps(dict(self.header), ensure_ascii=False, separators=(",", ":")).encode()
 
-    @property
-    def agent_id(self) -> str | None:
-        value = self.header.get("agent_id")
-        return value if isinstance(value, str) else None
-
-    @property
-    def last_active_at(self) -> str | None:
-        value = self.header.get("last_active_at")
-        return value if isinstance(value, str) else None
-
-    @property
-    def raw_bytes(self) -> int:
-        return sum(e.raw_size for e in self.loops)
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(e.stored_size for e in self.loops)
+def header_json(header: Mapping[str, Any]) -> bytes:
+    """A session header as the manifest holds it: compact JSON, keys in their order."""
+    return json.dumps(dict(header), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def encode_manifest(
@@ -547,7 +530,7 @@ def encode_manifest(
     parts = [
         json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1].encode(),
         b',\n"header":',
-        manifest.header_json,
+        header_json(header),
         b',\n"loops":[',
     ]
     if loops:

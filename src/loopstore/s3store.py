@@ -29,7 +29,7 @@ from loopstore.aio import AsyncSessionStore
 from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
 from loopstore.s3backend import Endpoint, S3Backend
 from loopstore.s3backend import s3_store_exists as _exists
-from loopstore.store import SessionStore
+from loopstore.store import SessionStore, check_options
 
 
 class S3SessionStore(SessionStore):
@@ -60,19 +60,8 @@ class S3SessionStore(SessionStore):
         secret_key: str | None = None,
         profile: str | None = None,
     ) -> None:
-        if lock_timeout < 0:
-            raise ValueError("lock_timeout must be >= 0")
-        if lock_poll_interval <= 0:
-            raise ValueError("lock_poll_interval must be > 0")
-        if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
-            raise ValueError("compression_level must be an int in -7..22")
+        options = check_options(lock_timeout, lock_poll_interval, durable, compression_level)
         endpoint = Endpoint(endpoint_url, region, access_key, secret_key, profile)
-        options: dict[str, Any] = {
-            "lock_timeout": lock_timeout,
-            "lock_poll_interval": lock_poll_interval,
-            "durable": durable,
-            "compression_level": compression_level,
-        }
         for name, value in (
             ("endpoint_url", endpoint_url),
             ("region", region),

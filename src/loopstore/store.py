@@ -319,8 +319,6 @@ class SessionStore:
     def __init__(
         self, backend: Backend, *, compression_level: int, options: dict[str, Any]
     ) -> None:
-        if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
-            raise ValueError("compression_level must be an int in -7..22")
         self._backend = backend
         self._options = options
         self.compression_level = compression_level
@@ -1424,6 +1422,24 @@ class SessionStore:
         return backup(self, dest, prune=prune, progress=progress, link=link, check=check)
 
 
+def check_options(
+    lock_timeout: float, lock_poll_interval: float, durable: bool, compression_level: int
+) -> dict[str, Any]:
+    """The options every store takes, checked before anything is opened or created."""
+    if lock_timeout < 0:
+        raise ValueError("lock_timeout must be >= 0")
+    if lock_poll_interval <= 0:
+        raise ValueError("lock_poll_interval must be > 0")
+    if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
+        raise ValueError("compression_level must be an int in -7..22")
+    return {
+        "lock_timeout": lock_timeout,
+        "lock_poll_interval": lock_poll_interval,
+        "durable": durable,
+        "compression_level": compression_level,
+    }
+
+
 def _sort_summaries(
     rows: list[Summary], agent_id: str | None, order: str, limit: int | None, reverse: bool
 ) -> list[Summary]:
@@ -1459,18 +1475,7 @@ class FileSystemSessionStore(SessionStore):
         durable: bool = True,
         compression_level: int = ondisk.DEFAULT_COMPRESSION_LEVEL,
     ) -> None:
-        if lock_timeout < 0:
-            raise ValueError("lock_timeout must be >= 0")
-        if lock_poll_interval <= 0:
-            raise ValueError("lock_poll_interval must be > 0")
-        options = {
-            "lock_timeout": lock_timeout,
-            "lock_poll_interval": lock_poll_interval,
-            "durable": durable,
-            "compression_level": compression_level,
-        }
-        if not isinstance(compression_level, int) or not -7 <= compression_level <= 22:
-            raise ValueError("compression_level must be an int in -7..22")
+        options = check_options(lock_timeout, lock_poll_interval, durable, compression_level)
         backend = FileSystemBackend(
             root, durable=durable, lock_timeout=lock_timeout, lock_poll_interval=lock_poll_interval
         )
