@@ -1766,13 +1766,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
 def _int_between(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (bounds keep a typo from filling a disk)."""
 

@@ -85,7 +85,7 @@ except ImportError as _exc:  # pragma: no cover - depends on the installation
     raise ImportError("object-store support needs boto3: pip install 'loopstore[s3]'") from _exc
 
 if TYPE_CHECKING:
-    from loopstore.backend import Backend, SessionHandle
+    pass
 
 S3Client = Any
 #: boto3 clients are built at run time; without stub packages their type is Any.
@@ -117,15 +117,6 @@ _UNSUPPORTED = frozenset({"NotImplemented", "InvalidArgument", "InvalidRequest"}
 _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 #: botocore errors raised before the request reached the server: safe to send again.
 
-
-def _check_backend(b: S3Backend) -> Backend:
-    """mypy proves here that S3Backend satisfies the Backend protocol."""
-    return b
-
-
-def _check_handle(h: S3Session) -> SessionHandle:
-    """... and that S3Session satisfies SessionHandle."""
-    return h
 
 
 # --------------------------------------------------------------------------- locations

@@ -1454,11 +1454,6 @@ _SESSION_FIELDS: Final = list(Session.model_fields)
 #: The Session model's field order: `loops` is spliced in after these (session_json).
 
 
-def _recency_key(info: SessionInfo) -> tuple[int, int]:
-    active = ondisk.timestamp_ns(info.last_active_at)
-    return (active if active is not None else -(2**63), info.committed_at_ns)
-
-
 def _reopen(cls: Callable[..., Any], location: str, options: dict[str, Any]) -> Any:
     return cls(location, **options)
 
