@@ -423,6 +423,26 @@ def test_ls_human_is_an_aligned_table(capsys: pytest.CaptureFixture[str], any_ro
     assert any("2025-06-04" in line for line in lines)
 
 
+@pytest.mark.parametrize(
+    "cells",
+    [["plain", "宽字符", "e\u0301", "🎉 [bold]x[/]"], ["tab\there", "cr\rbell\x07", "new\nline"]],
+    ids=["printable", "control"],
+)
+def test_tables_print_as_rich_prints_them(
+    capsys: pytest.CaptureFixture[str], cells: list[str]
+) -> None:
+    """Off a terminal a table of printable text skips rich; the bytes are rich's."""
+    columns = [cli.Column("NAME", style="bold cyan"), cli.Column("SAME", right=True)]
+    rows = [[c, c] for c in cells]
+    ctx = cli.Ctx(location="unused", local_root=None, json=False, stderr_tty=False)
+    ctx.print_table(columns, rows)
+    direct = capsys.readouterr().out
+    for line in cli.table_lines(columns, rows):
+        ctx.print(cli._rich_line(line))
+    assert direct == capsys.readouterr().out
+    assert direct.startswith("NAME ")
+
+
 def test_show_header_loops_and_usage(capsys: pytest.CaptureFixture[str], any_root: str) -> None:
     fixture = json.loads((FIXTURES_DIR / f"{THINKING}.json").read_text())
     shown = run_json(capsys, "--root", any_root, "show", THINKING)
@@ -1010,6 +1030,44 @@ def test_ls_reads_no_session_file_once_the_catalog_is_built(
     assert [r["session_id"] for r in mine["sessions"]] == sorted([PARENT, THINKING])
     code, out, _ = run(capsys, "--root", str(root), "ls", "--sort", "size", "--limit", "2")
     assert code == 0 and len(out.splitlines()) == 3
+
+
+MODELS = ("pydantic", "pydantic_core", "loopstore.models")
+PIPED_LS = (*MODELS, "rich.console", "rich.text", "loopstore.demo", "concurrent.futures")
+
+
+@pytest.mark.parametrize(
+    ("command", "heavy"),
+    [
+        (["ls", "--limit", "20"], PIPED_LS),
+        (
+            ["ls", "--agent", "agent-7f3c9a2e-5b1d-4c8e-9a6f-2d4b8e1c0a93", "--limit", "20"],
+            PIPED_LS,
+        ),
+        (["stats"], MODELS),
+        (["verify"], MODELS),
+    ],
+    ids=["ls", "ls-agent", "stats", "verify"],
+)
+def test_listings_import_no_model(root: Path, command: list[str], heavy: tuple[str, ...]) -> None:
+    """A fresh process lists without importing pydantic or the models: building the model
+    classes took more than half of `ls`'s start-up; `ls` into a pipe also does without
+    rich's console and text, the demo's options and thread pools (together a quarter of
+    what was left). A guard against imports creeping back onto this path, not a timing."""
+    probe = (
+        "import sys\n"
+        "from loopstore.cli import main\n"
+        "code = main(sys.argv[2:])\n"
+        "print(code, *sorted(set(sys.argv[1].split(',')) & set(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, ",".join(heavy), "--root", str(root), *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=subprocess_env(),
+    )
+    assert done.stdout.splitlines()[-1] == "0"
 
 
 def test_reindex_rebuilds_the_catalog_and_names_damaged_sessions(

@@ -121,3 +121,32 @@ def test_read_errors_are_storage_errors(tmp_path: Path, monkeypatch: pytest.Monk
             call()
         assert exc.value.session_id == "p"
         assert exc.value.path is not None and exc.value.path.is_relative_to(store.root)
+
+
+def test_a_fold_that_fails_on_io_does_not_fail_the_committed_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The append whose record triggers a fold is durable before the fold starts: a fold
+    that cannot write its blob files leaves checkpoint and journal as they were, the call
+    returns, and the next append folds."""
+    from loopstore.store import FOLD_MIN_RECORDS
+
+    store = FileSystemSessionStore(tmp_path / "store", durable=False)
+    store.save(make_session("f", 1))
+    for i in range(1, FOLD_MIN_RECORDS - 1):
+        store.append_loop("f", make_loop("f", i))
+    assert store.session_info("f").journal_records == FOLD_MIN_RECORDS - 1
+
+    def blob_file(src_fd: int, src: str, dst_fd: int, dst: str) -> bool:
+        return dst.endswith(".zst")
+
+    monkeypatch.setattr(atomic, "rename", _failing(atomic.rename, errno.ENOSPC, blob_file))
+    store.append_loop("f", make_loop("f", FOLD_MIN_RECORDS - 1))  # folding fails: no error
+    info = store.session_info("f")
+    assert info.loop_count == FOLD_MIN_RECORDS
+    assert info.journal_records == FOLD_MIN_RECORDS  # not folded
+    monkeypatch.undo()
+    store.append_loop("f", make_loop("f", FOLD_MIN_RECORDS))
+    info = store.session_info("f")
+    assert info.journal_records == 0 and info.loop_count == FOLD_MIN_RECORDS + 1
+    assert store.verify().ok

@@ -20,6 +20,10 @@ brackets:
 5. CPU per append: user+sys of the workers, summed, over acknowledged appends, own and
    shared sessions [<= 1.2x SQLite].
 
+Row 4 also shows a ceiling no store can pass on this machine: the cores divided by the
+CPU it takes to serialize and compress one workload loop (the least any store does per
+append), beside SQLite's shared-session rate.
+
 Baselines: SQLite (stdlib sqlite3, WAL, synchronous=FULL, one transaction per append,
 the loop as zstd level-3 `model_dump_json()`, see tools/_benchlib.py); the physical
 floor: one small file made durable (tmp write, fsync, rename, directory fsync) and a
@@ -46,6 +50,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -389,6 +395,27 @@ def bench_parallel(base: Path, procs: int, rounds: int, duration: float) -> dict
     return out
 
 
+# --------------------------------------------------------------------------- ceiling
+
+
+def serialize_cpu(pool: list[LoopRecord], count: int) -> float:
+    """CPU seconds to turn one workload loop into compressed bytes, the least any store
+    must do per append (the cheaper of loopstore's and the SQLite baseline's way)."""
+    loops = bl.fresh_loops(pool, count, session_id="ceiling", tag="c")
+    cctx = zstandard.ZstdCompressor(level=bl.ZSTD_LEVEL)
+    ways = (
+        lambda lp: cctx.compress(lp.dump_json(indent=2)),
+        lambda lp: cctx.compress(lp.model_dump_json().encode()),
+    )
+    best = []
+    for way in ways:
+        c0 = time.process_time()
+        for lp in loops:
+            way(lp)
+        best.append((time.process_time() - c0) / count)
+    return min(best)
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -453,6 +480,17 @@ def rows_of(res: dict[str, Any]) -> list[bl.Row]:
                 base_display=f"{min(cb)}/{max(cb)} = {fb:.2f}",
             )
         )
+    ceiling = res["cores"] / res["serialize_cpu_s"]
+    rows.append(
+        bl.compare(
+            "4",
+            f"ceiling for any store: {res['cores']} cores / serialize+compress CPU",
+            ceiling,
+            par["sqlite_shared"]["rate_per_s"],
+            unit="/s",
+            base_display=f"{res['serialize_cpu_s'] * 1e3:.2f} ms CPU per loop",
+        )
+    )
     for mode in ("own", "shared"):
         a, b = par[f"loopstore_{mode}"], par[f"sqlite_{mode}"]
         measure = f"CPU per append, {procs} procs, {mode} session" + ("s" if mode == "own" else "")
@@ -533,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         bl.say(f"3-5. {args.procs} processes, own sessions and one shared session")
         res["parallel"] = bench_parallel(base, args.procs, cfg["rounds"], cfg["duration_s"])
+        res["cores"] = os.cpu_count() or 1
+        res["serialize_cpu_s"] = serialize_cpu(pool, 100 if quick else 300)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     rows = rows_of(res)

@@ -18,7 +18,9 @@ targets in brackets:
    sessions), and `loopstore ls --limit 20` / `loopstore ls --agent A --limit 20` as
    subprocesses (wall time); each run once first (warm) [<= 50 ms, and <= 3x the
    1,000-session figure]; baseline: the same from SQLite (`SELECT ... ORDER BY`, the
-   subprocess rows as a `python -c` script doing the query)
+   subprocess rows as a `python -c` script doing the query); these subprocesses share a
+   bytecode cache in the scratch dir (PYTHONPYCACHEPREFIX, PYTHONDONTWRITEBYTECODE
+   dropped), which the warm-up run fills, as pip's compile at install does
 5. peak RSS of `loopstore stats`, `verify`, `gc --dry-run`, `backup DEST` and
    `export-legacy --all DIR`, each in a fresh process (getrusage maxrss of the child,
    read by a fresh wrapper process), with their wall times [must not grow with the
@@ -250,13 +252,18 @@ def loopstore_cmd() -> list[str]:
     return [sys.executable, "-c", "import sys; from loopstore.cli import main; sys.exit(main())"]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "NO_COLOR": "1"}
+def _env(pycache: Path | None = None) -> dict[str, str]:
+    """The children's environment; with `pycache`, bytecode is written to and read from there."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    return env
 
 
-def run_wall(cmd: list[str]) -> float:
+def run_wall(cmd: list[str], pycache: Path) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env())
+    p = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env(pycache))
     t = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{cmd} exited {p.returncode}: {p.stderr.decode()[-400:]}")
@@ -324,9 +331,10 @@ def bench_listing(base: Path, count: int, quick: bool) -> dict[str, Any]:
     out["list_ids"] = {"loopstore_s": bl.median(t[0]), "sqlite_s": bl.median(t[1])}
     t = bl.interleaved([ls_agent, sq_agent], reps)
     out["list_for_agent"] = {"loopstore_s": bl.median(t[0]), "sqlite_s": bl.median(t[1])}
-    t = bl.interleaved([lambda: run_wall(ls), lambda: run_wall(sq)], reps)
+    pyc = base / "pycache"
+    t = bl.interleaved([lambda: run_wall(ls, pyc), lambda: run_wall(sq, pyc)], reps)
     out["cli_ls"] = {"loopstore_s": bl.median(t[0]), "sqlite_s": bl.median(t[1])}
-    t = bl.interleaved([lambda: run_wall(ls_a), lambda: run_wall(sq_a)], reps)
+    t = bl.interleaved([lambda: run_wall(ls_a, pyc), lambda: run_wall(sq_a, pyc)], reps)
     out["cli_ls_agent"] = {"loopstore_s": bl.median(t[0]), "sqlite_s": bl.median(t[1])}
     store.close()
     db.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 import threading
 from pathlib import Path
@@ -97,7 +96,7 @@ def mkdir(dir_fd: int, name: str) -> bool:
 
 def tmp_name(tag: str = "") -> str:
     """A unique staging name: pid, thread and randomness, so no two writers collide."""
-    return f"{os.getpid()}-{threading.get_ident():x}-{secrets.token_hex(6)}{tag}.tmp"
+    return f"{os.getpid()}-{threading.get_ident():x}-{os.urandom(6).hex()}{tag}.tmp"
 
 
 def write_new(dir_fd: int, name: str, data: bytes) -> int:
@@ -219,7 +218,7 @@ def atomic_write_path(path: Path, data: bytes, *, point: str | None, tmp_prefix:
     """
     dfd = open_dir(path.parent)
     try:
-        tmp = f"{tmp_prefix}.tmp.{os.getpid()}.{secrets.token_hex(6)}"
+        tmp = f"{tmp_prefix}.tmp.{os.getpid()}.{os.urandom(6).hex()}"
         create_file(dfd, tmp, data, point=point)
         try:
             rename(dfd, tmp, dfd, path.name)

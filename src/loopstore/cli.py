@@ -6,8 +6,9 @@ script can trust (see EXIT_*). Reading commands never create a store.
 
 The store is ``--root``, else ``$LOOPSTORE_ROOT``, else ``./.loopstore``: a directory, a
 ``file://`` URL or an object store (``s3://bucket/prefix``), opened through
-`loopstore.locations`. Start-up stays light: the store, the models and rich's console are
-imported by the commands that use them.
+`loopstore.locations`. Start-up stays light: the store, the models, rich's console and
+text, and the demo's options are loaded by the commands that use them (a table printed
+off a terminal needs no rich).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import IO, TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from rich.cells import cell_len
-from rich.text import Text
 
-from loopstore import __version__
+from loopstore import __version__, _timestamps
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -41,6 +41,7 @@ from loopstore.errors import (
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
     from loopstore.catalog import Summary
     from loopstore.models import LoopRecord, Session
@@ -85,7 +86,39 @@ class _ParserExit(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors in one line and never calls sys.exit."""
+    """argparse that reports usage errors in one line and never calls sys.exit.
+
+    `define` adds the arguments when the parser is first used (to parse, or for its
+    usage or help): a command whose options need a heavier module (the demo's bounds)
+    then costs nothing to the other commands."""
+
+    def __init__(
+        self,
+        *args: Any,
+        define: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._define = define
+
+    def _defined(self) -> None:
+        if self._define is not None:
+            define, self._define = self._define, None
+            define(self)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._defined()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._defined()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._defined()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
@@ -141,10 +174,8 @@ def parse_timestamp(text: str | None) -> datetime | None:
     """An RFC 3339 timestamp as phi-core writes it, or None when absent or malformed."""
     if not text:
         return None
-    from loopstore.models import parse_timestamp as parse
-
     try:
-        return parse(text.strip())
+        return _timestamps.parse_timestamp(text.strip())
     except ValueError:
         return None
 
@@ -248,45 +279,54 @@ class Column:
     style: str = ""
 
 
-Cell = str | Text
+Cell: TypeAlias = "str | Text"
+Piece: TypeAlias = "tuple[Cell, str]"
+"""Part of a table line: a cell or padding, and the style over it."""
 
 
-def render_table(columns: Sequence[Column], rows: Iterable[Sequence[Cell]]) -> list[Text]:
-    """Plain aligned columns (no borders) so output greps and diffs well; styles are dropped
-    by the console when it is not a terminal."""
+def _plain(cell: Cell) -> str:
+    return cell if isinstance(cell, str) else cell.plain
+
+
+def table_lines(columns: Sequence[Column], rows: Iterable[Sequence[Cell]]) -> list[list[Piece]]:
+    """Plain aligned columns (no borders) so output greps and diffs well: each line as the
+    pieces `Ctx.print_table` prints (styles show only on a terminal)."""
     materialized = [list(r) for r in rows]
     widths = [cell_len(c.header) for c in columns]
     for row in materialized:
         for i, cell in enumerate(row):
-            widths[i] = max(widths[i], cell_len(cell.plain if isinstance(cell, Text) else cell))
-    lines: list[Text] = []
+            widths[i] = max(widths[i], cell_len(_plain(cell)))
 
-    def line(cells: Sequence[Cell], header: bool) -> Text:
-        out = Text()
+    def line(cells: Sequence[Cell], header: bool) -> list[Piece]:
+        out: list[Piece] = []
         last = len(cells) - 1
         for i, (col, cell) in enumerate(zip(columns, cells, strict=True)):
-            text = cell.copy() if isinstance(cell, Text) else Text(cell)
-            if header:
-                text.stylize("bold")
-            elif col.style:
-                text.stylize(col.style)
-            pad = widths[i] - cell_len(text.plain)
+            piece = (cell, "bold" if header else col.style)
+            pad = (" " * (widths[i] - cell_len(_plain(cell))), "")
             if col.right:
-                out.append(" " * pad)
-                out.append_text(text)
+                out += [pad, piece]
             else:
-                out.append_text(text)
-                if i != last:
-                    out.append(" " * pad)
+                out += [piece, pad] if i != last else [piece]
             if i != last:
-                out.append("  ")
-        out.rstrip()
+                out.append(("  ", ""))
         return out
 
-    lines.append(line([c.header for c in columns], header=True))
-    for row in materialized:
-        lines.append(line(row, header=False))
-    return lines
+    return [line([c.header for c in columns], header=True)] + [
+        line(row, header=False) for row in materialized
+    ]
+
+
+def _rich_line(pieces: Sequence[Piece]) -> Text:
+    from rich.text import Text
+
+    out = Text()
+    for cell, style in pieces:
+        text = Text(cell) if isinstance(cell, str) else cell.copy()
+        if style:
+            text.stylize(style)
+        out.append_text(text)
+    out.rstrip()
+    return out
 
 
 STATUS_STYLES = {
@@ -300,13 +340,15 @@ STATUS_STYLES = {
 
 def styled(text: str, style: str = "") -> Text:
     """Text whose style covers only `text`, not what is appended later (Text(style=) would)."""
+    from rich.text import Text
+
     out = Text()
     out.append(text, style=style)
     return out
 
 
 def _status_text(status: str) -> Text:
-    return Text(status, style=STATUS_STYLES.get(status, ""))
+    return styled(status, STATUS_STYLES.get(status, ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +483,23 @@ class Ctx:
     def print(self, *parts: str | Text) -> None:
         self.out.print(*parts)
 
+    def print_table(self, columns: Sequence[Column], rows: Iterable[Sequence[Cell]]) -> None:
+        """Without colour, a table of plain printable text is written as is: rich would print
+        the same bytes (it changes only tabs and control characters, which still go
+        through it), and loading rich took a fifth of `ls`'s start-up."""
+        lines = table_lines(columns, rows)
+        if not _wants_colour(sys.stdout) and all(
+            isinstance(cell, str) and cell.isprintable() for line in lines for cell, _ in line
+        ):
+            for line in lines:
+                sys.stdout.write("".join(_plain(cell) for cell, _ in line).rstrip() + "\n")
+            return
+        for line in lines:
+            self.print(_rich_line(line))
+
     def note(self, message: str) -> None:
         """A one-line remark on stderr (keeps stdout clean for pipes and --json)."""
-        self.err.print(Text(f"{PROG}: {message}", style="dim"))
+        self.err.print(styled(f"{PROG}: {message}", style="dim"))
 
     def warn(self, message: str) -> None:
         """A one-line warning on stderr, such as a session a listing could not read."""
@@ -755,8 +811,7 @@ def cmd_ls(ctx: Ctx, args: argparse.Namespace) -> int:
         ]
         for s in summaries
     ]
-    for line in render_table(columns, table):
-        ctx.print(line)
+    ctx.print_table(columns, table)
     return code
 
 
@@ -924,8 +979,7 @@ def cmd_show(ctx: Ctx, args: argparse.Namespace) -> int:
                 format_size(lp["stored_bytes"] or 0),
             ]
         )
-    for line in render_table(columns, rows):
-        ctx.print(line)
+    ctx.print_table(columns, rows)
     ctx.print("")
     usage_line = styled("usage: ", style="bold")
     usage_line.append(
@@ -1280,7 +1334,7 @@ def cmd_verify(ctx: Ctx, args: argparse.Namespace) -> int:
     if args.verbose:
         for o in orphans:
             ctx.print(
-                Text(
+                styled(
                     f"orphan  {o['kind']}  {o['path']}  {format_size(o['size'])}, "
                     f"{format_duration(o['age_s'])} old",
                     style="dim",
@@ -1292,7 +1346,7 @@ def cmd_verify(ctx: Ctx, args: argparse.Namespace) -> int:
             kinds.setdefault(o["kind"], []).append(o["size"])
         for kind, sizes in sorted(kinds.items()):
             ctx.print(
-                Text(
+                styled(
                     f"orphans {kind}: {len(sizes)} ({format_size(sum(sizes))}); -v lists them",
                     style="dim",
                 )
@@ -1352,11 +1406,11 @@ def cmd_gc(ctx: Ctx, args: argparse.Namespace) -> int:
     if report.problems:
         scanned += f", {report.sessions_skipped} skipped (listed above)"
     ctx.print(
-        styled(f"gc {verb}: ", style="bold") + Text(f"{removed} ({scanned}; grace {grace:g} s)")
+        styled(f"gc {verb}: ", style="bold") + styled(f"{removed} ({scanned}; grace {grace:g} s)")
     )
     if report.kept_young:
         ctx.print(
-            Text(
+            styled(
                 f"kept {_plural(report.kept_young, 'unreferenced file')} younger than the "
                 f"grace period ({grace:g} s): a writer or reader may still be using "
                 f"{'it' if report.kept_young == 1 else 'them'}; a later gc removes "
@@ -1400,7 +1454,7 @@ def cmd_import_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
             ctx.print(line)
         ctx.print(
             styled(f"import from {source}: ", style="bold")
-            + Text(
+            + styled(
                 f"{len(report.imported)} new, {len(report.updated)} updated, "
                 f"{len(report.unchanged)} unchanged, "
                 f"{_plural(len(report.conflicts), 'conflict')}, {len(report.failed)} failed"
@@ -1481,7 +1535,7 @@ def cmd_export_legacy(ctx: Ctx, args: argparse.Namespace) -> int:
         ctx.emit_json({"dest": str(dest), "ok": ok, "exported": written, "failed": batch.failed})
     else:
         for w in written:
-            ctx.print(Text(w["path"]))
+            ctx.print(styled(w["path"]))
         ctx.note(
             f"exported {_plural(len(written), 'session')} to {dest}"
             + (f"; {len(batch.failed)} failed (above)" if batch.failed else "")
@@ -1522,12 +1576,12 @@ def cmd_checkpoint(ctx: Ctx, args: argparse.Namespace) -> int:
     else:
         if not args.all:
             for sid in folded:
-                ctx.print(Text(f"checkpointed {sid}"))
+                ctx.print(styled(f"checkpointed {sid}"))
             for sid in at_rest:
-                ctx.print(Text(f"at rest {sid} (nothing to fold)", style="dim"))
+                ctx.print(styled(f"at rest {sid} (nothing to fold)", style="dim"))
         ctx.print(
             styled("checkpoint: ", "bold")
-            + Text(
+            + styled(
                 f"{_plural(len(folded), 'session')} folded, {len(at_rest)} already at rest, "
                 f"{len(batch.failed)} failed"
             )
@@ -1557,7 +1611,7 @@ def cmd_migrate(ctx: Ctx, args: argparse.Namespace) -> int:
     _print_problems(ctx, report.problems)
     ctx.print(
         styled("migrate: ", "bold")
-        + Text(
+        + styled(
             f"{_plural(report.sessions, 'session')}: {report.upgraded} upgraded to format "
             f"v{FORMAT_VERSION}, {report.current} already v{FORMAT_VERSION}, "
             f"{_plural(len(report.problems), 'problem')}"
@@ -1588,7 +1642,7 @@ def cmd_reindex(ctx: Ctx, args: argparse.Namespace) -> int:
     _warn_damaged(ctx, damaged)
     ctx.print(
         styled("reindex: ", "bold")
-        + Text(f"{_plural(listed, 'session')} listed, {len(damaged)} damaged")
+        + styled(f"{_plural(listed, 'session')} listed, {len(damaged)} damaged")
     )
     return code
 
@@ -1609,7 +1663,7 @@ def cmd_rm(ctx: Ctx, args: argparse.Namespace) -> int:
         ctx.emit_json({"ok": not batch.failed, "removed": removed, "failed": batch.failed})
     else:
         for session_id in removed:
-            ctx.print(Text(f"removed {session_id}"))
+            ctx.print(styled(f"removed {session_id}"))
     return batch.exit_code(all_sessions=False)
 
 
@@ -1703,14 +1757,14 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
     )
     ctx.print(
         styled(f"backup to {report.dest}: ", "bold")
-        + Text(
+        + styled(
             f"{_plural(report.sessions, 'session')} ({report.sessions_updated} updated, "
             f"{report.sessions_unchanged} unchanged, {report.sessions_removed} removed"
             f"{vanished}, {len(report.failed)} failed) in {report.duration_s:.1f} s"
         )
     )
     ctx.print(
-        Text(
+        styled(
             f"blobs: {report.files_linked} linked ({format_size(report.bytes_linked)}), "
             f"{report.files_copied} copied ({format_size(report.bytes_copied)}), "
             f"{report.files_skipped} already there ({format_size(report.bytes_skipped)}); "
@@ -1727,11 +1781,11 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
             ("extra", check.extra),
         ):
             for sid in ids:
-                ctx.print(styled(f"{label:<8} ", "yellow") + Text(sid))
+                ctx.print(styled(f"{label:<8} ", "yellow") + styled(sid))
         for failure in check.source_unreadable:
             ctx.print(
                 styled("source damaged ", "bold red")
-                + Text(
+                + styled(
                     f"session {failure.session_id!r}: {_one_line(failure.reason)} "
                     "(DEST holds its last good state)"
                 )
@@ -1739,7 +1793,7 @@ def cmd_backup(ctx: Ctx, args: argparse.Namespace) -> int:
         verdict = "in sync" if check.in_sync else ("ok" if check.ok else "DAMAGED")
         ctx.print(
             styled(f"verify: {verdict}", "bold green" if check.ok else "bold red")
-            + Text(
+            + styled(
                 f" ({_plural(check.sessions_checked, 'session')}: "
                 f"{len(check.current)} current, {len(check.behind)} behind, "
                 f"{len(check.missing)} missing, {len(check.extra)} extra, "
@@ -1789,6 +1843,40 @@ def _seconds(text: str) -> float:
     if value < 0 or value != value:
         raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return value
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    """The demo's options: their bounds come from `loopstore.demo`."""
+    from loopstore import demo
+
+    p.add_argument(
+        "--workers",
+        type=_int_between(1, demo.MAX_WORKERS),
+        metavar="N",
+        help=f"worker processes, at most --sessions (default: {demo.DEFAULT_WORKERS})",
+    )
+    p.add_argument(
+        "--sessions",
+        type=_int_between(1, demo.MAX_SESSIONS),
+        metavar="N",
+        help=f"sessions to record (default: {demo.DEFAULT_SESSIONS})",
+    )
+    p.add_argument(
+        "--loops",
+        type=_int_between(1, demo.MAX_LOOPS),
+        metavar="N",
+        help=f"loops per session (default: {demo.DEFAULT_LOOPS}); "
+        f"sessions x loops <= {demo.MAX_TOTAL_LOOPS:,}",
+    )
+    p.add_argument("--seed", type=_int_between(0, demo.MAX_SEED), metavar="N", help="default: 0")
+    p.add_argument(
+        "--fresh", action="store_true", help="empty the store first (only a store the demo made)"
+    )
+    p.add_argument(
+        "--add-to-existing",
+        action="store_true",
+        help="add to a non-empty store the demo did not create (refused otherwise)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1917,36 +2005,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sessions", nargs="+", metavar="SESSION")
     p.set_defaults(func=cmd_rm)
 
-    from loopstore import demo
-
-    p = sub.add_parser("demo", help="record synthetic sessions from several worker processes")
-    p.add_argument(
-        "--workers",
-        type=_int_between(1, demo.MAX_WORKERS),
-        metavar="N",
-        help=f"worker processes, at most --sessions (default: {demo.DEFAULT_WORKERS})",
-    )
-    p.add_argument(
-        "--sessions",
-        type=_int_between(1, demo.MAX_SESSIONS),
-        metavar="N",
-        help=f"sessions to record (default: {demo.DEFAULT_SESSIONS})",
-    )
-    p.add_argument(
-        "--loops",
-        type=_int_between(1, demo.MAX_LOOPS),
-        metavar="N",
-        help=f"loops per session (default: {demo.DEFAULT_LOOPS}); "
-        f"sessions x loops <= {demo.MAX_TOTAL_LOOPS:,}",
-    )
-    p.add_argument("--seed", type=_int_between(0, demo.MAX_SEED), metavar="N", help="default: 0")
-    p.add_argument(
-        "--fresh", action="store_true", help="empty the store first (only a store the demo made)"
-    )
-    p.add_argument(
-        "--add-to-existing",
-        action="store_true",
-        help="add to a non-empty store the demo did not create (refused otherwise)",
+    p = sub.add_parser(
+        "demo",
+        help="record synthetic sessions from several worker processes",
+        define=_demo_arguments,
     )
     p.set_defaults(func=cmd_demo)
 

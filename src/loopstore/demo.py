@@ -14,19 +14,19 @@ marked store. An `s3://` root gets demo data when no store is there yet (or with
 typo cannot fill the disk. Ctrl-C stops the workers between two events (they ignore
 SIGINT; the parent asks them to stop, then terminates any that do not) and re-raises
 `KeyboardInterrupt` in the caller.
+
+`loopstore demo` imports this module to parse its options, so multiprocessing, uuid and
+shutil are imported where they are used.
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import queue as queue_mod
 import shlex
-import shutil
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +185,8 @@ def _plan(
     workers: int, sessions: int, loops: int, seed: int
 ) -> tuple[list[list[_Job]], list[str], int]:
     """Assign loops to workers; returns per-worker jobs, the session ids, total main loops."""
+    import uuid
+
     rng_ns = uuid.UUID(int=seed % (1 << 128))
     per_worker: list[list[_Job]] = [[] for _ in range(workers)]
     ids: list[str] = []
@@ -213,6 +215,8 @@ def _worker_main(args: _WorkerArgs, events_q: Queue[tuple[Any, ...]], stop: Even
     ignored, too) and returns quietly, between two events, once `stop` is set or the
     parent is gone (so no worker outlives a parent that could not stop it).
     """
+    import multiprocessing
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = multiprocessing.parent_process()
     from loopstore.locations import open_store
@@ -326,6 +330,8 @@ def _mark_demo_root(root: Path) -> None:
 def _empty_demo_root(root: Path, entries: list[Path]) -> None:
     """Remove what is inside a demo root (the root itself stays: it may be the cwd);
     the marker goes last, so an interrupted --fresh leaves a root still marked."""
+    import shutil
+
     for entry in entries:
         if entry.name == DEMO_MARKER:
             continue
@@ -505,6 +511,8 @@ def run_demo(
     of bounds (see `check_options`) and for a root the demo may not write to (see the
     module docstring). A `KeyboardInterrupt` stops the workers and is re-raised.
     """
+    import multiprocessing
+
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text

@@ -24,8 +24,8 @@ from loopstore._lossless import (
     StrictBool,
     StrictStr,
     Timestamp,
-    parse_timestamp,
 )
+from loopstore._timestamps import parse_timestamp
 from loopstore.messages import AgentMessage, ToolResult, Usage, WireMessage
 
 

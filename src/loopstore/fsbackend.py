@@ -16,20 +16,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
 import stat
 import sys
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from loopstore import atomic, journal, locking, ondisk
 from loopstore.backend import FileStat, JournalRead
 from loopstore.catalog import Catalog
 from loopstore.errors import CorruptSession, StorageError, UnsupportedFormat, storage_error
+
+if TYPE_CHECKING:
+    import socket
 
 NO_LINK_ERRNOS: Final = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
@@ -48,9 +49,11 @@ MANIFEST_TAIL_BYTES: Final = 96
 #: reading this much tells whether a cached parse is still current.
 ITEM_SUFFIX: Final = ".item"
 CLAIMED_SUFFIX: Final = ".claimed"
-DONE_SUFFIX: Final = ".done"
+OK_SUFFIX: Final = ".ok"
+FAIL_SUFFIX: Final = ".fail"
 #: Hand-off files in locks/<id>.q/: a waiting append, the same once a holder claimed it,
-#: and the holder's answer. Names start with a time-ordered token: oldest first.
+#: and the holder's answer (committed: the claim renamed; failed: the error). Names
+#: start with a time-ordered token: oldest first.
 
 
 @contextlib.contextmanager
@@ -423,8 +426,8 @@ class FsQueue:
     """One session's group-commit hand-off queue (`locks/<id>.q/`), opened once.
 
     Files, each named by a time-ordered token: `<token>.item`, an append waiting for the
-    lock holder; `<token>.claimed`, the same once a holder took it; `<token>.done`, its
-    outcome (the claimed item renamed: committed; anything else: the holder's error).
+    lock holder; `<token>.claimed`, the same once a holder took it; then its outcome:
+    `<token>.ok` (the claim renamed: committed) or `<token>.fail` (the holder's error).
     Renames and unlinks settle every race; nothing here is ever fsynced.
     """
 
@@ -432,12 +435,9 @@ class FsQueue:
         self._b = backend
         self._sid = session_id
         self._fd = fd
-        self._ringer: socket.socket | None = None
 
     def close(self) -> None:
         os.close(self._fd)
-        if self._ringer is not None:
-            self._ringer.close()
 
     def _err(self, verb: str, exc: OSError) -> Exception:
         return storage_error(self._sid, verb, self._b.layout.queue(self._sid), exc)
@@ -467,18 +467,25 @@ class FsQueue:
     def outcome(self, token: str) -> bytes | None:
         """The outcome a holder posted for `token` (taken: read once), None if none yet.
 
-        An empty answer means committed; anything else is the holder's error.
+        An empty answer means committed (taking it is one unlink); anything else is
+        the holder's error.
         """
-        name = token + DONE_SUFFIX
         try:
-            os.stat(name, dir_fd=self._fd, follow_symlinks=False)
+            os.unlink(token + OK_SUFFIX, dir_fd=self._fd)
+            return b""
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._err("read hand-off outcome", exc) from exc
+        name = token + FAIL_SUFFIX
+        try:
             data = atomic.read_file(self._fd, name)
             atomic.unlink_quiet(self._fd, name)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise self._err("read hand-off outcome", exc) from exc
-        return b"" if data.startswith(journal.MAGIC + journal.KIND_ITEM) else data
+        return data
 
     # -- maintenance -----------------------------------------------------------------
 
@@ -539,15 +546,15 @@ class FsQueue:
 
     def post(self, token: str, error: bytes | None) -> None:
         """Tell the waiter `token` how its claimed append ended: committed (None: the
-        claim is renamed to `.done`, one syscall) or failed (the error, written aside)."""
+        claim is renamed to `.ok`, one syscall) or failed (the error, written aside)."""
         try:
             if error is None:
-                atomic.rename(self._fd, token + CLAIMED_SUFFIX, self._fd, token + DONE_SUFFIX)
+                atomic.rename(self._fd, token + CLAIMED_SUFFIX, self._fd, token + OK_SUFFIX)
                 return
-            tmp = atomic.tmp_name(DONE_SUFFIX)
+            tmp = atomic.tmp_name(FAIL_SUFFIX)
             try:
                 atomic.create_file(self._fd, tmp, error, point=None)
-                atomic.rename(self._fd, tmp, self._fd, token + DONE_SUFFIX)
+                atomic.rename(self._fd, tmp, self._fd, token + FAIL_SUFFIX)
             except OSError:
                 atomic.unlink_quiet(self._fd, tmp)
                 raise
@@ -573,10 +580,7 @@ class FsQueue:
 
     def ring(self, token: str) -> None:
         """Wake the waiter `token` (if it still listens; a bell nobody hears is fine)."""
-        if self._ringer is None:
-            self._ringer = Doorbell.ringer()
-        if self._ringer is not None:
-            Doorbell.ring(self._ringer, token)
+        Doorbell.ring(token)
 
     def ring_oldest(self) -> None:
         """The lock is free: wake the oldest waiting append, to take it and serve the rest."""
@@ -589,7 +593,10 @@ class FsQueue:
 
 
 class Doorbell:
-    """One waiter's wake-up socket (AF_UNIX datagram in the abstract namespace)."""
+    """One waiter's wake-up socket (AF_UNIX datagram in the abstract namespace).
+
+    `socket` is imported on first use: a listing never needs it.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
@@ -602,6 +609,8 @@ class Doorbell:
     def open(cls, token: str) -> Doorbell | None:
         if not sys.platform.startswith("linux"):
             return None
+        import socket
+
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(cls._address(token))
@@ -619,19 +628,23 @@ class Doorbell:
     def close(self) -> None:
         self._sock.close()
 
-    @staticmethod
-    def ringer() -> socket.socket | None:
-        """A socket to ring bells with (None where there are no bells)."""
-        if not sys.platform.startswith("linux"):
-            return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.setblocking(False)
-        return sock
+    _ringer: socket.socket | None = None
+    _ringer_pid = 0
 
     @classmethod
-    def ring(cls, ringer: socket.socket, token: str) -> None:
+    def ring(cls, token: str) -> None:
+        """Ring from the process's one sending socket (a forked child makes its own)."""
+        if not sys.platform.startswith("linux"):
+            return
+        pid = os.getpid()
+        if cls._ringer is None or cls._ringer_pid != pid:
+            import socket
+
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            cls._ringer, cls._ringer_pid = sock, pid
         with contextlib.suppress(OSError):  # nobody listens (or the bell is full)
-            ringer.sendto(b"!", cls._address(token))
+            cls._ringer.sendto(b"!", cls._address(token))
 
 
 class FileSystemBackend:
@@ -976,6 +989,8 @@ class FileSystemBackend:
 
     def _sync_all(self, fds: Sequence[int]) -> None:
         """fdatasync every file, from up to PLACE_THREADS threads."""
+        from concurrent.futures import ThreadPoolExecutor
+
         threads = min(PLACE_THREADS, len(fds) // PLACE_FILES_PER_THREAD)
 
         def sync_chunk(chunk: Sequence[int]) -> None:

@@ -30,6 +30,7 @@ import struct
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -49,6 +50,7 @@ MAX_META_BYTES: Final = 1 << 30
 MARK_BYTES: Final = FRAME_HEADER_BYTES
 
 _EMPTY: Mapping[Any, Any] = MappingProxyType({})
+_BLOB = attrgetter("blob")
 
 
 class JournalError(ValueError):
@@ -298,9 +300,7 @@ class SessionState:
     @cached_property
     def _journal_named(self) -> frozenset[str]:
         """Blobs the records since the checkpoint name (appended or replacing)."""
-        return frozenset(e.blob for e in self.appended).union(
-            e.blob for e in self.replaced.values()
-        )
+        return frozenset(map(_BLOB, self.appended)).union(map(_BLOB, self.replaced.values()))
 
     @property
     def agent_id(self) -> str | None:
@@ -375,13 +375,14 @@ class SessionState:
         journal_blobs = self.journal_blobs
         spans = meta.get("blobs") or ()
         if spans:
-            journal_blobs = dict(journal_blobs)
+            journal_blobs = new_spans = dict(journal_blobs)
             for item in spans:
                 try:
                     digest, raw_size, start, length = item
                 except (TypeError, ValueError):
                     raise JournalError(f"record {seq}: bad blob span {item!r}") from None
-                journal_blobs[digest] = BlobSpan(locator, start, length, raw_size)
+                new_spans[digest] = BlobSpan(locator, start, length, raw_size)
+            journal_blobs = MappingProxyType(new_spans)
         ids = meta.get("ids") or ()
         at_ns = meta.get("at_ns")
         return replace(
@@ -394,12 +395,16 @@ class SessionState:
             replaced=MappingProxyType(replaced),
             appended=tuple(appended),
             appended_pos=MappingProxyType(appended_pos),
-            journal_blobs=MappingProxyType(dict(journal_blobs)) if spans else journal_blobs,
+            journal_blobs=journal_blobs,
             commit_ids=self.commit_ids | frozenset(ids) if ids else self.commit_ids,
             deleted=deleted,
             records=self.records + 1,
             journal_bytes=self.journal_bytes + frame_bytes,
         )
+
+    def after(self, rec: Record, locator: int) -> SessionState:
+        """The state after `rec`, written at `locator` (as `replay` would read it back)."""
+        return self.apply(rec.meta, locator + rec.payload_offset, len(rec.frame))
 
     def replay(self, frames: Iterable[Frame]) -> SessionState:
         """Apply every record frame (marks are skipped)."""
@@ -533,8 +538,23 @@ class Change:
 _MISSING = object()
 
 
-def record_bytes(base: SessionState, change: Change, at_ns: int) -> bytes:
-    """The record frame for `change` on `base` (which `SessionState.replay` applies)."""
+@dataclass(frozen=True)
+class Record:
+    """A record frame as built, with its meta: the writer applies it without parsing it
+    back (`SessionState.after`)."""
+
+    frame: bytes
+    meta: Mapping[str, Any]
+
+    @property
+    def payload_offset(self) -> int:
+        """Where the payload starts within `frame`."""
+        _magic, _kind, meta_len, _payload_len, _sum = FRAME_HEADER.unpack_from(self.frame)
+        return FRAME_HEADER_BYTES + int(meta_len)
+
+
+def record(base: SessionState, change: Change, at_ns: int) -> Record:
+    """The record for `change` on `base` (which `SessionState.after` applies)."""
     spans: list[list[Any]] = []
     payload: list[bytes] = []
     pos = 0
@@ -547,7 +567,7 @@ def record_bytes(base: SessionState, change: Change, at_ns: int) -> bytes:
         meta["ids"] = change.ids
     if spans:
         meta["blobs"] = spans
-    return encode_frame(KIND_RECORD, meta, b"".join(payload))
+    return Record(encode_frame(KIND_RECORD, meta, b"".join(payload)), meta)
 
 
 # --------------------------------------------------------------------------- hand-off items

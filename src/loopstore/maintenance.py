@@ -3,6 +3,7 @@
 Each goes session by session and never stops at a broken one: a session that cannot be
 read (a permission, a symlink planted in the store, a damaged checkpoint) is reported
 by name and cause, and the others are still done. Memory stays bounded by one session.
+The models (and pydantic) are imported on first use, so that `stats` starts fast.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Final
-
-import pydantic
+from typing import TYPE_CHECKING, Final
 
 from loopstore import journal, ondisk
 from loopstore.backend import FileStat, SessionHandle
@@ -27,7 +26,6 @@ from loopstore.errors import (
     SessionNotFound,
     StorageError,
 )
-from loopstore.models import Session
 from loopstore.reports import (
     GcReport,
     ImportFailure,
@@ -47,6 +45,9 @@ from loopstore.store import (
     decode_loops,
     first_error,
 )
+
+if TYPE_CHECKING:
+    from loopstore.models import Session
 
 ProgressFn = Callable[[int, int], None]
 
@@ -310,6 +311,8 @@ def _check_blobs(
             problems.append(Problem(sid, path, exc.kind, exc.cause))
             continue
         if deep:
+            import pydantic
+
             try:
                 loop = decode_loops([raw])[0]
             except pydantic.ValidationError as exc:
@@ -523,6 +526,10 @@ def import_legacy(
     wins. Otherwise the file's loops and header are imported (a file that grew is an
     update). Re-importing the same files changes nothing.
     """
+    import pydantic
+
+    from loopstore.models import Session
+
     report = ImportReport()
     base = Path(directory)
     try:

@@ -22,10 +22,8 @@ from loopstore._lossless import (
     StrictBool,
     StrictStr,
     Timestamp,
-    format_timestamp,
-    parse_timestamp,
-    timestamp_nanos,
 )
+from loopstore._timestamps import format_timestamp, parse_timestamp, timestamp_nanos
 from loopstore.events import (
     AgentEvent,
     AnnotatedRequestPayload,

@@ -14,7 +14,8 @@ Layout (docs/FORMAT.md has the whole protocol)::
       catalog.sqlite                  listing index derived from the sessions (a cache)
 
 Everything here is pure (bytes in, bytes out), so the codecs can be tested without a
-filesystem and the object-store backend reuses them unchanged.
+filesystem and the object-store backend reuses them unchanged. pydantic_core is imported
+by the two functions that write pretty JSON, so that listings start fast.
 """
 
 from __future__ import annotations
@@ -30,11 +31,10 @@ from pathlib import Path, PurePath
 from types import MappingProxyType
 from typing import Any, Final
 
-import pydantic_core
 import xxhash
 import zstandard
 
-from loopstore._lossless import timestamp_nanos
+from loopstore._timestamps import timestamp_nanos
 from loopstore.errors import CorruptSession, InvalidSessionId, UnsupportedFormat
 
 FORMAT_NAME: Final = "loopstore"
@@ -332,9 +332,13 @@ class EncodedBlob:
         return len(self.data)
 
 
-def encode_blob(raw: bytes, level: int = DEFAULT_COMPRESSION_LEVEL) -> EncodedBlob:
-    """One zstd frame with the content size recorded, named by the raw bytes' hash."""
-    return EncodedBlob(digest(raw), len(raw), _compressor(level).compress(raw))
+def encode_blob(
+    raw: bytes, level: int = DEFAULT_COMPRESSION_LEVEL, *, known_digest: str | None = None
+) -> EncodedBlob:
+    """One zstd frame with the content size recorded, named by the raw bytes' hash
+    (`known_digest`, when the caller already hashed `raw`)."""
+    name = digest(raw) if known_digest is None else known_digest
+    return EncodedBlob(name, len(raw), _compressor(level).compress(raw))
 
 
 def decode_blob(
@@ -740,6 +744,8 @@ def pretty_loop(raw: bytes) -> bytes:
     """A loop blob's JSON in phi-core's pretty form (format v1 blobs were compact)."""
     if raw.startswith(b"{\n") or raw == b"{}":
         return raw
+    import pydantic_core
+
     return pydantic_core.to_json(json.loads(raw), indent=JSON_INDENT)
 
 
@@ -754,6 +760,8 @@ def session_json(header: Mapping[str, Any], declared: list[str], loops: list[byt
     loops are indented one level more; JSON strings hold no raw newline, so that is a
     plain replace.
     """
+    import pydantic_core
+
     ordered: dict[str, Any] = {k: header[k] for k in declared if k in header}
     ordered["loops"] = []
     ordered.update((k, v) for k, v in header.items() if k not in ordered)

@@ -118,7 +118,6 @@ _NOT_SENT = (EndpointConnectionError, ConnectTimeoutError)
 #: botocore errors raised before the request reached the server: safe to send again.
 
 
-
 # --------------------------------------------------------------------------- locations
 
 

@@ -19,6 +19,8 @@ waiter in one record and one fdatasync, then posts each its outcome.
 
 Readers take no lock: they read checkpoint + journal, make an unmarked journal durable
 before trusting it, and re-read when a blob vanished under them.
+
+The models (and pydantic) are imported on first use, so that listings start fast.
 """
 
 from __future__ import annotations
@@ -27,20 +29,15 @@ import contextlib
 import itertools
 import json
 import os
-import random
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-import pydantic
-
-from loopstore import _lossless, errors, faults, journal, ondisk
+from loopstore import errors, faults, journal, ondisk
 from loopstore.backend import Backend, CommitConflict, HandoffQueue, SessionHandle
 from loopstore.catalog import Catalog, CatalogUnusable, Summary
 from loopstore.errors import (
@@ -49,24 +46,27 @@ from loopstore.errors import (
     LoopNotFound,
     SessionError,
     SessionNotFound,
+    StorageError,
     UnsupportedFormat,
 )
 from loopstore.fsbackend import FileSystemBackend
 from loopstore.journal import Change, Item, SessionState
 from loopstore.lazy import LazyLoops
 from loopstore.locking import LOCK_POLL_INTERVAL_S, LOCK_TIMEOUT_S
-from loopstore.models import LoopRecord, Session
-from loopstore.reports import (
-    GcReport,
-    ImportReport,
-    MigrateReport,
-    SessionInfo,
-    StoreStats,
-    VerifyReport,
-)
 
 if TYPE_CHECKING:
+    import pydantic
+
     from loopstore.backup import BackupReport
+    from loopstore.models import LoopRecord, Session
+    from loopstore.reports import (
+        GcReport,
+        ImportReport,
+        MigrateReport,
+        SessionInfo,
+        StoreStats,
+        VerifyReport,
+    )
 
 GC_GRACE_S: Final = 15 * 60.0
 #: gc spares unreferenced files younger than this: a reader may still be reading them.
@@ -156,6 +156,8 @@ class _Dumped:
 
 
 def _dump_loop(loop: LoopRecord) -> _Dumped:
+    from loopstore.models import LoopRecord
+
     if not isinstance(loop, LoopRecord):
         loop = LoopRecord.model_validate(loop)
     raw = loop.dump_json(indent=ondisk.JSON_INDENT)
@@ -193,7 +195,7 @@ class _Tokens:
             os.register_at_fork(after_in_child=self.renew)
 
     def renew(self) -> None:
-        self.prefix = f"{os.getpid()}.{secrets.token_hex(4)}"
+        self.prefix = f"{os.getpid()}.{os.urandom(4).hex()}"
         self.counter = itertools.count()
 
     def __call__(self) -> str:
@@ -221,6 +223,11 @@ def decode_loops(raws: Sequence[bytes]) -> list[LoopRecord]:
     (about a third of the cost); anything else falls back to the lax path. One pause of
     the cyclic GC covers the whole batch.
     """
+    import pydantic
+
+    from loopstore import _lossless
+    from loopstore.models import LoopRecord
+
     validate = LoopRecord.__pydantic_validator__.validate_json
     out: list[LoopRecord] = []
     with _lossless.gc_paused():
@@ -520,6 +527,10 @@ class SessionStore:
         )
 
     def _session_from(self, state: SessionState, raws: Sequence[bytes]) -> Session:
+        import pydantic
+
+        from loopstore.models import Session
+
         try:
             session = Session.model_validate_json(
                 state.header_json[:-1] + b',"loops":[]}'
@@ -586,17 +597,21 @@ class SessionStore:
             self._backend.catalog.mark(session_id)
         if r is None:
             base = change.base
-            frame = journal.record_bytes(base, change, at_ns)
+            rec = journal.record(base, change, at_ns)
             manifest, _m = ondisk.encode_manifest(session_id, 0, at_ns, base.header, ())
-            self._backend.create(session_id, manifest, frame)
+            self._backend.create(session_id, manifest, rec.frame)
             self._cache.pop(session_id, None)  # the next read parses the new checkpoint
-            return StateRead(base.replay(journal.scan(frame, 0)[0]), len(frame), True, b"")
+            return StateRead(base.after(rec, 0), len(rec.frame), True, b"")
         assert h is not None
-        frame = journal.record_bytes(r.state, change, at_ns)
+        rec = journal.record(r.state, change, at_ns)
         locator, cursor = h.commit(
-            r.state.checkpoint_generation, r.cursor, frame, seal_dirs=not r.sealed, torn=r.torn > 0
+            r.state.checkpoint_generation,
+            r.cursor,
+            rec.frame,
+            seal_dirs=not r.sealed,
+            torn=r.torn > 0,
         )
-        new = StateRead(r.state.replay(journal.scan(frame, locator)[0]), cursor, True, r.tail)
+        new = StateRead(r.state.after(rec, locator), cursor, True, r.tail)
         self._cache_put(session_id, new)
         return new
 
@@ -625,7 +640,12 @@ class SessionStore:
             self._cache_put(h.session_id, replace(r, sealed=True))
 
     def _maybe_fold(self, session_id: str, r: StateRead) -> None:
-        """Fold the journal once it is long enough (step 5; the caller holds the session)."""
+        """Fold the journal once it is long enough (step 9; the caller holds the session).
+
+        The caller's commit is durable already: a fold that fails on I/O (a full disk)
+        leaves checkpoint and journal as they were, for the next writer to fold, and the
+        call still returns. Damage found while folding is raised.
+        """
         s = r.state
         held = len(s.journal_blobs)
         if (
@@ -634,7 +654,10 @@ class SessionStore:
             and s.journal_bytes < max(FOLD_MIN_BYTES, s.checkpoint_bytes)
         ):
             return
-        with self._backend.session(session_id) as h, contextlib.suppress(CommitConflict):
+        with (
+            contextlib.suppress(CommitConflict, StorageError),
+            self._backend.session(session_id) as h,
+        ):
             if h is not None:  # a lost race means another writer folded: as good
                 self._fold(h, r)
 
@@ -668,6 +691,8 @@ class SessionStore:
         `loop`, formation FirstLoop). Like phi-core's recorder, a new loop that started
         later than the header's `last_active_at` moves it on.
         """
+        from loopstore.models import LoopRecord
+
         session_id = ondisk.validate_session_id(session_id)
         if not isinstance(loop, LoopRecord):
             loop = LoopRecord.model_validate(loop)
@@ -681,7 +706,7 @@ class SessionStore:
             session.header() if session is not None else _first_loop_header(session_id, loop)
         )
         d = _dump_loop(loop)
-        blob = ondisk.encode_blob(d.raw, self.compression_level)
+        blob = ondisk.encode_blob(d.raw, self.compression_level, known_digest=d.digest)
         item = Item(_token(), d.entry(blob.stored_size), blob, new_header)
         locks = self._backend.locks
         t0 = time.monotonic()
@@ -699,13 +724,23 @@ class SessionStore:
             faults.note_lock_wait(session_id, time.monotonic() - t0)
         claimed = 0
         try:
-            claimed = self._serve(session_id, own)
+            try:
+                claimed = self._serve(session_id, own)
+            except SessionError as exc:
+                if own is not None:
+                    raise
+                self._orphan_outcome(session_id, item, exc)
+                return  # committed after all
             # Appends that arrived during our round are served now, while we hold the
-            # lock, instead of waiting for one of their writers to wake and take it.
+            # lock, instead of waiting for one of their writers to wake and take it. Our
+            # own call is done: a failed round was told to the appends it claimed.
             for _round in range(HOLDER_EXTRA_ROUNDS):
                 if not claimed:
                     break
-                claimed = self._serve(session_id, None)
+                try:
+                    claimed = self._serve(session_id, None)
+                except SessionError:
+                    break
         finally:
             locks.release(session_id, owner)
             if claimed and self._backend.handoff:
@@ -735,10 +770,6 @@ class SessionStore:
             q.deposit(item.token, item.encode())
             delay = HANDOFF_FIRST_POLL_S
             while True:
-                outcome = q.outcome(item.token)
-                if outcome is not None:
-                    self._raise_outcome(session_id, outcome)
-                    return None
                 owner = locks.try_acquire(session_id)
                 if owner is not None:
                     if q.withdraw(item.token):
@@ -759,6 +790,35 @@ class SessionStore:
                 else:
                     time.sleep(delay)
                     delay = min(delay * 2, HANDOFF_MAX_POLL_S)
+                outcome = q.outcome(item.token)
+                if outcome is not None:
+                    self._raise_outcome(session_id, outcome)
+                    return None
+
+    def _orphan_outcome(self, session_id: str, item: Item, exc: SessionError) -> None:
+        """Serving failed while our append sat in the queue (a dead holder's claim, put
+        back and maybe claimed again): return if it was committed, else raise. Only an
+        append taken back out of the queue is known not to be committed later."""
+        outcome: bytes | None = None
+        gone = False
+        with (
+            contextlib.suppress(SessionError),  # unknown: reported as maybe committed
+            self._backend.queue(session_id, create=False) as q,
+        ):
+            outcome = q.outcome(item.token) if q is not None else None
+            gone = q is None or (outcome is None and q.withdraw(item.token))
+        if outcome is not None:
+            self._raise_outcome(session_id, outcome)
+            return
+        if gone:
+            raise exc
+        err = (
+            exc
+            if isinstance(exc, StorageError)
+            else StorageError(session_id, exc.cause, path=exc.path)
+        )
+        err.maybe_committed = True
+        raise err
 
     def _await_outcome(self, session_id: str, item: Item) -> None:
         """After serving the queue as holder: our orphaned claim's outcome, or commit it."""
@@ -835,6 +895,8 @@ class SessionStore:
         """Run a write on a fresh state until it commits: once on a filesystem (the lock
         excludes other writers); on an object store, again after every compare-and-swap
         lost to another writer, until lock_timeout is spent (then SessionLocked)."""
+        import random
+
         deadline = time.monotonic() + self._backend.locks.timeout
         delay = CONFLICT_FIRST_BACKOFF_S
         while True:
@@ -882,13 +944,17 @@ class SessionStore:
             if old is not None:
                 entries.append(d.entry(old.stored_size))
                 continue
-            blob = blobs.get(d.digest) or ondisk.encode_blob(d.raw, self.compression_level)
+            blob = blobs.get(d.digest) or ondisk.encode_blob(
+                d.raw, self.compression_level, known_digest=d.digest
+            )
             blobs[d.digest] = blob
             entries.append(d.entry(blob.stored_size))
         return entries, blobs
 
     def _save(self, session: Session) -> str:
         """save() that says what happened: 'created', 'updated' or 'unchanged'."""
+        from loopstore.models import Session
+
         if not isinstance(session, Session):
             raise TypeError(f"save() needs a Session, got {type(session).__name__}")
         session_id = ondisk.validate_session_id(session.session_id)
@@ -919,7 +985,9 @@ class SessionStore:
             for e in entries:
                 if e.blob in repair and e.blob not in blobs:
                     d = next(x for x in dumped if x.digest == e.blob)
-                    blobs[e.blob] = ondisk.encode_blob(d.raw, self.compression_level)
+                    blobs[e.blob] = ondisk.encode_blob(
+                        d.raw, self.compression_level, known_digest=d.digest
+                    )
             change.set_loops(entries, blobs, repair=repair)
             if change.empty:
                 self._settle(h, r)
@@ -965,6 +1033,8 @@ class SessionStore:
         result commits by compare-and-swap; when another writer committed first, `fn`
         runs again on the newer state.
         """
+        from loopstore.models import Session
+
         session_id = ondisk.validate_session_id(session_id)
 
         def attempt(h: SessionHandle | None, r: StateRead | None) -> tuple[Session, StateRead]:
@@ -1074,6 +1144,8 @@ class SessionStore:
         self, state: SessionState, held: Mapping[str, bytes]
     ) -> Callable[[int], LoopRecord]:
         """Fetch loop `i` of `state` (a lazy load's snapshot; `held`: its journal blobs)."""
+        import pydantic
+
         sid = state.session_id
         entries = state.entries
 
@@ -1111,9 +1183,11 @@ class SessionStore:
     def load_json(self, session_id: str) -> bytes:
         """The session as phi-core's file (pretty JSON, byte for byte), with no model
         built: its blobs spliced into its header."""
+        from loopstore.models import Session
+
         session_id = ondisk.validate_session_id(session_id)
         r, raws = self._snapshot(session_id, lambda s: s.entries)
-        return ondisk.session_json(r.state.header, _SESSION_FIELDS, raws)
+        return ondisk.session_json(r.state.header, list(Session.model_fields), raws)
 
     def iter_loop_json(self, session_id: str) -> Iterator[bytes]:
         """Each loop's JSON (phi-core's pretty form), in order, one blob read at a time.
@@ -1158,6 +1232,8 @@ class SessionStore:
 
     def load_loop(self, session_id: str, loop_id: str) -> LoopRecord:
         """One loop, decoding only its blob."""
+        import pydantic
+
         session_id = ondisk.validate_session_id(session_id)
         _r, raws = self._snapshot(session_id, self._pick_loop(session_id, loop_id))
         try:
@@ -1177,6 +1253,8 @@ class SessionStore:
         return r.state
 
     def session_info(self, session_id: str) -> SessionInfo:
+        from loopstore.reports import SessionInfo
+
         return SessionInfo.from_state(self.session_state(session_id))
 
     # -- listings (the catalog) --------------------------------------------------------
@@ -1290,6 +1368,8 @@ class SessionStore:
     def _scan(self) -> tuple[list[Summary], list[tuple[str, str]]]:
         """Every session read directly (a store without a catalog), SCAN_THREADS at a
         time: summaries, and (session_id, cause) of the sessions that cannot be read."""
+        from concurrent.futures import ThreadPoolExecutor
+
         ids = sorted(self._backend.list_sessions())
         with ThreadPoolExecutor(max(1, min(SCAN_THREADS, len(ids)))) as pool:
             items = list(pool.map(self._summary, ids))
@@ -1448,10 +1528,6 @@ def _sort_summaries(
         rows = [r for r in rows if r.agent_id == agent_id]
     rows.sort(key=lambda r: r.sort_key(order), reverse=reverse)
     return rows if limit is None else rows[:limit]
-
-
-_SESSION_FIELDS: Final = list(Session.model_fields)
-#: The Session model's field order: `loops` is spliced in after these (session_json).
 
 
 def _reopen(cls: Callable[..., Any], location: str, options: dict[str, Any]) -> Any:
