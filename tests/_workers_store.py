@@ -152,3 +152,27 @@ def read_acks(log: Path) -> list[tuple[float, float, str, str, int]]:
         begin, ack, op, sid, count = line.split()
         out.append((float(begin), float(ack), op, sid, int(count)))
     return out
+
+
+def die_as_holder(root: str, session_id: str, index: int, held: str, go: str) -> None:
+    """Hold the session lock, wait for `go`, then append as the holder of the group
+    commit: claim the waiting appends and die (SIGKILL) as the record is being written,
+    leaving their claims behind with no outcome."""
+    import signal
+
+    from loopstore import atomic, journal
+
+    real = atomic.write_all
+
+    def killed_on_record(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
+        if bytes(data[:5]) == journal.MAGIC + journal.KIND_RECORD:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(fd, data, offset)
+
+    store = _store(root)
+    atomic.write_all = killed_on_record
+    with store.lock(session_id):
+        Path(held).touch()
+        while not Path(go).exists():
+            time.sleep(0.005)
+        store.append_loop(session_id, make_loop(session_id, index))
