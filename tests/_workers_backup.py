@@ -212,14 +212,20 @@ def _pause_forever(signal_path: str) -> None:
         time.sleep(60)
 
 
-def _pause_on_rename(should_pause: Callable[[str, str], bool], signal_path: str) -> None:
-    """Rebind the store's rename seam (loopstore.atomic.rename) to pause at one rename."""
+def _pause_on_rename(
+    should_pause: Callable[[str, str], bool], signal_path: str, *, after: bool = False
+) -> None:
+    """Rebind the store's rename seam (loopstore.atomic.rename) to pause at one rename:
+    before it, or (`after`) once it is done."""
     inner = atomic.rename
 
     def rename(src_dir_fd: int, src: str, dst_dir_fd: int, dst: str) -> None:
-        if should_pause(src, dst):
+        pause = should_pause(src, dst)
+        if pause and not after:
             _pause_forever(signal_path)
         inner(src_dir_fd, src, dst_dir_fd, dst)
+        if pause:
+            _pause_forever(signal_path)
 
     atomic.rename = rename
 
@@ -253,11 +259,13 @@ def killable_backup(root: str, dest: str | StoreSpec, mode: str, signal_path: st
     elif mode == "blobs":
 
         def at_blob(src: str, dst_name: str) -> bool:
+            # The thread that places a blob stops right after it: sessions are copied a
+            # few at a time, and another one's blobs may be named by its record meanwhile.
             if dst_name.endswith(".zst"):
                 count[0] += 1
-            return count[0] == 2 and dst_name.endswith(".zst")
+            return count[0] == 1 and dst_name.endswith(".zst")
 
-        _pause_on_rename(at_blob, signal_path)
+        _pause_on_rename(at_blob, signal_path, after=True)
     elif mode == "fold":
         _pause_on_rename(lambda src, dst_name: dst_name == "manifest.json", signal_path)
     else:
