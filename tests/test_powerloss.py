@@ -55,6 +55,11 @@ MUTATIONS = {
     "loops-dir": ("appends-checkpoint", "save"),
     "blob": ("appends-checkpoint", "save"),
     "manifest": ("appends-checkpoint", "save"),
+    # a new session: its staging directory, sessions/ once it is renamed in, and the
+    # store's root as the first writer creates the store
+    "staging": ("first-append", "save"),
+    "sessions-dir": ("first-append", "save"),
+    "store-dir": ("first-append", "save"),
 }
 CLEAN_SCENARIOS = [name for name in catalog(SHORT) if name not in BUG_SCENARIOS]
 

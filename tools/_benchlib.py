@@ -647,6 +647,8 @@ def render(rows: Sequence[Row]) -> str:
 
 def summary(rows: Sequence[Row]) -> str:
     judged = [r for r in rows if r.met is not None]
+    if not judged:
+        return "no targets (information only)"
     met = sum(1 for r in judged if r.met)
     return f"{met}/{len(judged)} targets met"
 
@@ -661,6 +663,25 @@ def document(
         "rows": [{**asdict(r), "result": r.result()} for r in rows],
         "details": details,
     }
+
+
+def report(
+    name: str,
+    env: dict[str, Any],
+    config: dict[str, Any],
+    rows: Sequence[Row],
+    details: dict[str, Any],
+    seconds: float,
+    json_path: Path | None,
+) -> None:
+    """Print the table, the targets met, the time and the load at the end; write the
+    JSON document when asked."""
+    print(render(rows))
+    env["loadavg_end"] = loadavg()
+    load = " ".join(map(str, env["loadavg_end"]))
+    print(f"{summary(rows)}; {seconds:.0f} s in all; load average at the end {load}")
+    if json_path:
+        write_json(json_path, document(name, env, config, rows, seconds=seconds, **details))
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:

@@ -575,15 +575,7 @@ def main(argv: list[str] | None = None) -> int:
         res["serialize_cpu_s"] = serialize_cpu(pool, 100 if quick else 300)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    rows = rows_of(res)
-    seconds = time.monotonic() - t_start
-    print(bl.render(rows))
-    env["loadavg_end"] = bl.loadavg()
-    load = " ".join(map(str, env["loadavg_end"]))
-    print(f"{bl.summary(rows)}; {seconds:.0f} s in all; load average at the end {load}")
-    if args.json:
-        res["seconds"] = seconds
-        bl.write_json(args.json, bl.document("bench", env, cfg, rows, **res))
+    bl.report("bench", env, cfg, rows_of(res), res, time.monotonic() - t_start, args.json)
     return 0
 
 

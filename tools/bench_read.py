@@ -510,15 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         res["listings"] = [bench_listing(base, n, args.quick) for n in sizes]
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    rows = rows_of(res)
-    seconds = time.monotonic() - t_start
-    print(bl.render(rows))
-    env["loadavg_end"] = bl.loadavg()
-    load = " ".join(map(str, env["loadavg_end"]))
-    print(f"{bl.summary(rows)}; {seconds:.0f} s in all; load average at the end {load}")
-    if args.json:
-        res["seconds"] = seconds
-        bl.write_json(args.json, bl.document("bench_read", env, cfg, rows, **res))
+    bl.report("bench_read", env, cfg, rows_of(res), res, time.monotonic() - t_start, args.json)
     return 0
 
 

@@ -224,15 +224,11 @@ def main(argv: list[str] | None = None) -> int:
         bl.compare(key, measure, pick(s3), pick(fs), unit=unit, label="directory")
         for key, measure, unit, pick in table
     ]
-    seconds = time.monotonic() - t_start
-    print(bl.render(rows))
     for kind in ("s3", "fs"):
         for mode in ("own", "shared"):
             if res[kind][mode]["error_kinds"]:
                 print(f"{kind} {mode}: errors {res[kind][mode]['error_kinds']}")
-    print(f"{seconds:.0f} s in all; load average at the end {' '.join(map(str, bl.loadavg()))}")
-    if args.json:
-        bl.write_json(args.json, bl.document("bench_s3", env, cfg, rows, **res))
+    bl.report("bench_s3", env, cfg, rows, res, time.monotonic() - t_start, args.json)
     return 0
 
 

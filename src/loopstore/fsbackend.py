@@ -19,10 +19,10 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from loopstore import atomic, journal, locking, ondisk
 from loopstore.backend import FileStat, JournalRead
@@ -31,6 +31,8 @@ from loopstore.errors import CorruptSession, StorageError, UnsupportedFormat, st
 
 if TYPE_CHECKING:
     import socket
+
+T = TypeVar("T")
 
 NO_LINK_ERRNOS: Final = frozenset(
     {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES}
@@ -1031,58 +1033,25 @@ class FileSystemBackend:
     ) -> tuple[list[str], list[str]]:
         """Publish a session at rest (a backup's copy): loops/, checkpoint, empty journal.
 
-        Built in tmp/ and renamed into sessions/ like `create`; the caller holds the
-        lock and the session has no manifest. Returns the digests linked and written.
+        Published like `create`; the caller holds the lock and the session has no
+        manifest. Returns the digests linked and written.
         """
-        layout = self.layout
-        staging = ondisk.NEW_SESSION_PREFIX + atomic.tmp_name()
         jname = ondisk.journal_filename(generation)
-        try:
-            atomic.mkdir(self.tmp_fd, staging)
-            dfd = atomic.open_dir(staging, self.tmp_fd)
-        except OSError as exc:
-            raise storage_error(
-                session_id, "create session directory", layout.tmp(staging), exc
-            ) from exc
-        try:
-            try:
-                atomic.mkdir(dfd, ondisk.LOOPS_DIR)
-                lfd = atomic.open_dir(ondisk.LOOPS_DIR, dfd)
-            except OSError as exc:
-                raise storage_error(
-                    session_id, "create loops directory", layout.tmp(staging), exc
-                ) from exc
+
+        def build(dfd: int) -> tuple[list[str], list[str]]:
+            atomic.mkdir(dfd, ondisk.LOOPS_DIR)
+            lfd = atomic.open_dir(ondisk.LOOPS_DIR, dfd)
             try:
                 counts = self.place_blobs(session_id, lfd, blobs, links, ())
             finally:
                 os.close(lfd)
-            try:
-                atomic.create_file(
-                    dfd, ondisk.MANIFEST_NAME, manifest, point="manifest" if self.durable else None
-                )
-                atomic.create_file(dfd, jname, b"", point=None)
-                if self.durable:
-                    atomic.sync(dfd, "staging")
-                if _exists(self.sessions_fd, session_id):
-                    self._remove_dir(session_id)
-                atomic.rename(self.tmp_fd, staging, self.sessions_fd, session_id)
-                if self.durable:
-                    atomic.sync(self.sessions_fd, "sessions-dir")
-                jfd = atomic.open_file(jname, dfd, write=True)
-                try:
-                    atomic.write_all(jfd, journal.MARK, 0)
-                finally:
-                    os.close(jfd)
-            except OSError as exc:
-                raise storage_error(
-                    session_id, "publish session", layout.session_dir(session_id), exc
-                ) from exc
-        except BaseException:
-            os.close(dfd)
-            atomic.rmtree_at(self.tmp_fd, staging)
-            raise
-        os.close(dfd)
-        return counts
+            atomic.create_file(
+                dfd, ondisk.MANIFEST_NAME, manifest, point="manifest" if self.durable else None
+            )
+            atomic.create_file(dfd, jname, b"", point=None)
+            return counts
+
+        return self._publish(session_id, build, generation, 0)
 
     # -- sessions --------------------------------------------------------------------
 
@@ -1129,40 +1098,63 @@ class FileSystemBackend:
         return True
 
     def create(self, session_id: str, manifest: bytes, first: bytes) -> None:
-        """Publish a new session as one rename: its directory is built complete in tmp/.
+        """Publish a new session as one rename (`_publish`): manifest.json (generation 0,
+        the header) and journal-0.log with the first record, fdatasynced. Readers see no
+        session or the whole first commit."""
 
-        tmp/new-*/ gets manifest.json (generation 0, the header) and journal-0.log with
-        the first record; both and the staging directory are fsynced, then the directory
-        is renamed to sessions/<id> and sessions/ fsynced, then the journal is marked.
-        Readers see no session or the whole first commit. The caller holds the lock; a
-        directory already there without a manifest (a crashed v1 commit) is removed. A
-        gc with a tiny grace may remove the staging directory first: it is built again.
+        def build(dfd: int) -> None:
+            atomic.create_file(
+                dfd, ondisk.MANIFEST_NAME, manifest, point="manifest" if self.durable else None
+            )
+            jfd = atomic.open_file(ondisk.journal_filename(0), dfd, write=True, create=True)
+            try:
+                atomic.write_all(jfd, first, 0)
+                if self.durable:
+                    atomic.sync(jfd, "journal", data_only=True)
+            finally:
+                os.close(jfd)
+
+        self._publish(session_id, build, 0, len(first))
+
+    def _publish(
+        self, session_id: str, build: Callable[[int], T], generation: int, mark_at: int
+    ) -> T:
+        """Build a session directory in tmp/new-*/ (`build` fills it, given its
+        descriptor) and publish it as one rename into sessions/.
+
+        The staging directory is fsynced, a directory already at sessions/<id> without a
+        manifest (a crash's remains) is moved away, the rename is made, sessions/ is
+        fsynced, then journal-<generation>.log gets its sync mark at `mark_at`. A gc
+        with a tiny grace may remove the staging directory first: it is built again.
         """
         for attempt in range(TMP_VANISHED_RETRIES):
             staging = ondisk.NEW_SESSION_PREFIX + atomic.tmp_name()
             try:
-                dfd = self._stage_session(session_id, staging, manifest, first)
+                result, dfd = self._stage_session(session_id, staging, build)
             except FileNotFoundError:
                 if attempt + 1 < TMP_VANISHED_RETRIES and not _exists(self.tmp_fd, staging):
                     continue
                 raise
             break
-        layout = self.layout
+        jname = ondisk.journal_filename(generation)
         try:
             if self.durable:
                 atomic.sync(self.sessions_fd, "sessions-dir")
-            jfd = atomic.open_file(ondisk.journal_filename(0), dfd, write=True)
+            jfd = atomic.open_file(jname, dfd, write=True)
             try:
-                atomic.write_all(jfd, journal.MARK, len(first))
+                atomic.write_all(jfd, journal.MARK, mark_at)
             finally:
                 os.close(jfd)
         except OSError as exc:
-            path = layout.journal(session_id, 0)
+            path = self.layout.journal(session_id, generation)
             raise storage_error(session_id, "make new session durable", path, exc) from exc
         finally:
             os.close(dfd)
+        return result
 
-    def _stage_session(self, session_id: str, staging: str, manifest: bytes, first: bytes) -> int:
+    def _stage_session(
+        self, session_id: str, staging: str, build: Callable[[int], T]
+    ) -> tuple[T, int]:
         """Build tmp/<staging>/ and rename it to sessions/<id>; its descriptor stays open.
 
         FileNotFoundError (unwrapped) if the staging directory vanished under us.
@@ -1179,16 +1171,7 @@ class FileSystemBackend:
             ) from exc
         try:
             try:
-                atomic.create_file(
-                    dfd, ondisk.MANIFEST_NAME, manifest, point="manifest" if self.durable else None
-                )
-                jfd = atomic.open_file(ondisk.journal_filename(0), dfd, write=True, create=True)
-                try:
-                    atomic.write_all(jfd, first, 0)
-                    if self.durable:
-                        atomic.sync(jfd, "journal", data_only=True)
-                finally:
-                    os.close(jfd)
+                result = build(dfd)
                 if self.durable:
                     atomic.sync(dfd, "staging")
             except OSError as exc:
@@ -1218,7 +1201,7 @@ class FileSystemBackend:
             os.close(dfd)
             atomic.rmtree_at(self.tmp_fd, staging)
             raise
-        return dfd
+        return result, dfd
 
     def delete(self, session_id: str) -> bool:
         """Rename the session directory into tmp/ (atomic, fsynced), then remove it there."""
