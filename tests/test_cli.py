@@ -32,7 +32,7 @@ from helpers import (
     make_session,
     manifest_key,
 )
-from loopstore import atomic, cli
+from loopstore import atomic, cli, ondisk
 from loopstore.errors import (
     CorruptSession,
     InvalidSessionId,
@@ -680,6 +680,36 @@ def test_verify_finds_damage(
     assert code == 0
     code, _, err = run(capsys, "--root", any_root, "cat", damaged)
     assert code == 1 and damaged in err and err.count("\n") == 1
+
+
+def test_verify_lists_a_torn_tail_and_says_the_next_write_cuts_it(
+    capsys: pytest.CaptureFixture[str], any_root: str, stores: StoreFactory
+) -> None:
+    store = stores()
+    store.append_loop(PARENT, make_loop(PARENT, 7))  # a journal record (or record object)
+    raw = stores.raw()
+    if stores.is_s3:  # an empty record object after the last (an upload cut off)
+        last = max(
+            ondisk.record_seq(k.split("/", 2)[2]) or 0 for k in raw.ls(f"sessions/{PARENT}/log/")
+        )
+        raw.write(f"sessions/{PARENT}/{ondisk.record_name(last + 1)}", b"")
+    else:  # a frame cut inside its header at the journal's end (a write cut off)
+        [key] = [
+            k
+            for k in raw.ls(f"sessions/{PARENT}/")
+            if ondisk.journal_generation(k.rsplit("/", 1)[1]) is not None
+        ]
+        raw.write(key, raw.read(key) + b"LSJ1R")
+    code, out, _ = run(capsys, "--root", any_root, "verify")
+    assert code == 0, out
+    assert out.splitlines()[-1].endswith(
+        "1 orphan (a torn tail is cut by its session's next write)"
+    )
+    report = run_json(capsys, "--root", any_root, "verify")
+    [orphan] = report["orphans"]
+    assert orphan["kind"] == "torn_tail" and orphan["session_id"] == PARENT
+    stores().append_loop(PARENT, make_loop(PARENT, 8))
+    assert run_json(capsys, "--root", any_root, "verify")["orphans"] == []
 
 
 def test_ls_lists_the_healthy_and_flags_a_damaged_manifest(

@@ -28,6 +28,7 @@ import pytest
 from helpers import FIXTURES_DIR, loop_blob, make_loop, make_session
 from loopstore import locations, ondisk, s3backend
 from loopstore.errors import (
+    CorruptSession,
     LoopNotFound,
     SessionLocked,
     SessionNotFound,
@@ -772,6 +773,60 @@ def test_a_delete_cut_short_is_finished_by_the_next_creator(
     blobs = _keys(seaweedfs, f"{s3_prefix}sessions/cut/loops/")
     assert blobs == [loop_blob(make_loop("cut", 5)).name]  # the old session's are gone
     assert s3.verify().ok
+
+
+def test_a_record_an_upload_left_short_is_a_torn_tail_the_next_commit_replaces(
+    seaweedfs: SeaweedFSServer, s3_prefix: str, s3: S3SessionStore
+) -> None:
+    """SeaweedFS can keep an empty object when a client dies mid-PUT. No call
+    acknowledged it: readers stop before it, verify calls it a torn tail, writers and a
+    delete replace it (compare-and-swap on its ETag); one with records after it is damage."""
+    from loopstore import journal
+
+    client = seaweedfs.boto3_client()
+
+    def put_record(sid: str, seq: int, body: bytes) -> None:
+        key = f"{s3_prefix}sessions/{sid}/{ondisk.record_name(seq)}"
+        client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=body)
+
+    s3.save(make_session("t", 2))
+    s3.append_loop("t", make_loop("t", 2))  # record 2
+    whole = _get(seaweedfs, f"{s3_prefix}sessions/t/{ondisk.record_name(2)}")
+    for short in (b"", whole[:10], whole[: len(whole) - 1]):
+        put_record("t", 3, short)
+        fresh = S3SessionStore(s3.location, **_opts(seaweedfs))
+        assert len(fresh.load("t").loops) == 3
+        report = fresh.verify()
+        assert report.ok, report.problems
+        [torn] = report.orphans
+        assert torn.kind == "torn_tail" and str(torn.path).endswith(ondisk.record_name(3))
+        fresh.gc(grace=0)  # a torn record is the next writer's to replace, not gc's
+        assert [o.kind for o in fresh.verify().orphans] == ["torn_tail"]
+    # Writers in threads race to replace it: one wins, the others commit after.
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: s3.append_loop("t", make_loop("t", 10 + i)), range(4)))
+    assert len(s3.load("t").loops) == 7
+    report = s3.verify()
+    assert report.ok and report.orphans == []
+    body = _get(seaweedfs, f"{s3_prefix}sessions/t/{ondisk.record_name(3)}")
+    assert journal.scan(body)[1] == len(body) > 0
+
+    # A short record with a whole one after it was never a torn tail: damage, named.
+    last = max(ondisk.record_seq(k) or 0 for k in _records(seaweedfs, s3_prefix, "t"))
+    put_record("t", last + 1, b"")
+    after = {"seq": last + 2, "ops": []}
+    put_record("t", last + 2, journal.encode_frame(journal.KIND_RECORD, after))
+    fresh = S3SessionStore(s3.location, **_opts(seaweedfs))
+    with pytest.raises(CorruptSession, match=r"session 't'.*records after it.*/log/") as err:
+        fresh.load("t")
+    assert ondisk.record_name(last + 1) in str(err.value)
+    assert not fresh.verify().ok
+
+    # A delete replaces a torn record with its tombstone.
+    s3.save(make_session("d", 1))
+    put_record("d", 2, b"")
+    s3.delete("d")
+    assert not s3.exists("d")
 
 
 def test_listing_pages_through_more_than_a_thousand_sessions(

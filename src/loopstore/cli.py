@@ -719,6 +719,14 @@ def _error_json(session_id: str, err: SessionError) -> dict[str, Any]:
     }
 
 
+def _orphan_hint(kinds: set[str]) -> str:
+    """What clears the orphans verify found: gc, except a torn tail (its next write)."""
+    hints = [f"`{PROG} gc` removes orphans"] if kinds - {"torn_tail"} else []
+    if "torn_tail" in kinds:
+        hints.append("a torn tail is cut by its session's next write")
+    return " (" + "; ".join(hints) + ")"
+
+
 def _plural(n: int, word: str, many: str | None = None) -> str:
     return f"{format_count(n)} {word if n == 1 else (many or word + 's')}"
 
@@ -1358,7 +1366,7 @@ def cmd_verify(ctx: Ctx, args: argparse.Namespace) -> int:
         + (f" ({format_count(damaged)} damaged)" if damaged else "")
         + f", {_plural(report.blobs_checked, 'blob')} checked, "
         f"{_plural(len(problems), 'problem')}, {_plural(len(orphans), 'orphan')}"
-        + (f" (`{PROG} gc` removes orphans)" if orphans and report.ok else "")
+        + (_orphan_hint({o["kind"] for o in orphans}) if orphans and report.ok else "")
     )
     ctx.print(summary)
     return EXIT_OK if report.ok else EXIT_PROBLEMS

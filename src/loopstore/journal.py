@@ -73,6 +73,21 @@ def _frame_end(view: memoryview, pos: int) -> int | None:
     return end if h.intdigest() == checksum else None
 
 
+def is_partial_frame(data: bytes) -> bool:
+    """True if `data` is shorter than the one frame it starts (nothing at all counts):
+    what an interrupted write leaves. A whole-length frame that fails its checksum is
+    damage, not this."""
+    n = len(data)
+    if n < FRAME_HEADER_BYTES:
+        return data == MAGIC[:n] or data[: len(MAGIC)] == MAGIC
+    magic, _kind, meta_len, payload_len, _sum = FRAME_HEADER.unpack_from(data)
+    return bool(
+        magic == MAGIC
+        and meta_len <= MAX_META_BYTES
+        and FRAME_HEADER_BYTES + meta_len + payload_len > n
+    )
+
+
 def _good_frame_after(view: memoryview, start: int) -> bool:
     """True if a whole, checksummed frame starts anywhere from `start` on.
 

@@ -95,17 +95,19 @@ def _session_files(store: SessionStore, sid: str, r: StateRead) -> Iterator[Orph
             kind = "orphan_blob" if ondisk.is_blob_name(f.name) else "stray_file"
             yield Orphan(sid, f.path, kind, f.size, f.age_s)
     current = ondisk.journal_filename(r.state.checkpoint_generation)
+    torn = (store._path(sid, current), r.torn) if r.torn else None
     for f in b.list_session_files(sid):
         if f.name in (ondisk.MANIFEST_NAME, ondisk.LOOPS_DIR, current):
             continue
         seq = ondisk.record_seq(f.name)  # an object store's record, log/<seq>.rec
         if seq is not None and seq > r.state.checkpoint_generation:
+            if torn is not None and seq == r.state.generation + 1:
+                torn = (f.path, f.size)  # the torn record itself
             continue  # live: after the checkpoint
         stale = seq is not None or ondisk.journal_generation(f.name) is not None
         yield Orphan(sid, f.path, "stale_journal" if stale else "stray_file", f.size, f.age_s)
-    if r.torn:
-        path = store._path(sid, current)
-        yield Orphan(sid, path, "torn_tail", r.torn, 0.0)
+    if torn is not None:
+        yield Orphan(sid, torn[0], "torn_tail", torn[1], 0.0)
     for f in b.list_queue(sid):
         if f.age_s >= HANDOFF_STALE_S:
             yield Orphan(sid, f.path, "stale_handoff", f.size, f.age_s)

@@ -285,6 +285,8 @@ class _Tip:
     last: int
     deleted: bool
     tombstone: _Obj | None = None
+    torn: _Obj | None = None
+    #: a torn record after `last` (the next commit replaces it)
 
 
 def _status(exc: ClientError) -> tuple[int, str]:
@@ -401,6 +403,8 @@ class S3Session:
         self._reads = 0
         self._view: int | None = None
         #: the sequence number a reader's view of this handle ended at (see `commit`)
+        self._torn: tuple[int, str] | None = None
+        #: the torn last record the last read found: (sequence number, ETag)
 
     def close(self) -> None:
         for fut in self._ahead.values():
@@ -463,10 +467,12 @@ class S3Session:
         the manifest again.
 
         A read `for_write` on a handle that already gave a reader's view ending at
-        another record raises CommitConflict (see `commit`).
+        another record raises CommitConflict (see `commit`). A torn last record (see
+        `_one_frame`) ends the read: ``size`` is one past ``end``.
         """
         b = self._b
         sid = self.session_id
+        self._torn = None
         expected = generation + cursor + 1
         objs = b.list_records(sid, after=expected - 1)
         run: list[tuple[int, _Obj]] = []
@@ -495,9 +501,15 @@ class S3Session:
             return None  # one vanished between the listing and its read
         frames: list[journal.Frame] = []
         for (seq, o), body in zip(run, bodies, strict=True):
-            frames.append(_one_frame(sid, seq, body, b.url(o.key)))
-        n = len(run)
-        return JournalRead(frames, cursor + n, cursor + n)
+            frame = _one_frame(sid, seq, body, b.url(o.key))
+            if frame is None:
+                if seq != run[-1][0]:
+                    raise _torn_inside(sid, b.url(o.key))
+                self._torn = (seq, o.etag)
+                break
+            frames.append(frame)
+        n = len(frames)
+        return JournalRead(frames, cursor + n, cursor + len(run))
 
     def payload(self, generation: int, span: journal.BlobSpan) -> bytes:
         """A blob carried by a record: from the record body this process read, else a
@@ -527,7 +539,9 @@ class S3Session:
     ) -> tuple[int, int]:
         """Create record ``generation + at + 1`` if nobody has (the commit point).
 
-        CommitConflict if another writer has that sequence number, or if this handle
+        Over a torn record there (`torn`, as last read) it is a compare-and-swap on that
+        object's ETag instead. CommitConflict if another writer has that sequence
+        number, or if this handle
         gave a reader's view of the session (`update` hands it to `fn`) that ended
         elsewhere: the record would build on a state `fn` never saw, and another
         process's commit in between would be lost. Returns the record's blob locator
@@ -540,7 +554,11 @@ class S3Session:
         b.ensure_probed()
         seq = generation + at + 1
         key = self._record_key(seq)
-        etag = b.put_new(sid, key, frame, "commit record")
+        if torn and self._torn is not None and self._torn[0] == seq:
+            etag = b.put_replace(sid, key, frame, self._torn[1], "commit record")
+            self._torn = None
+        else:
+            etag = b.put_new(sid, key, frame, "commit record")
         b.cache.put(sid, seq, etag, frame)
         b.note_own(sid, seq)
         return seq << 32, at + 1
@@ -683,8 +701,15 @@ class S3Session:
         return new.encode(), 0
 
 
-def _one_frame(sid: str, seq: int, body: bytes, url: str) -> journal.Frame:
-    """The single record frame of a record object (base ``seq << 32``)."""
+def _one_frame(sid: str, seq: int, body: bytes, url: str) -> journal.Frame | None:
+    """The single record frame of a record object (base ``seq << 32``).
+
+    None if the object is shorter than its frame: an upload cut off (some servers keep
+    one, empty, when the client dies mid-request). No call acknowledged it: as the last
+    record it is a torn tail, which the next commit replaces; anywhere else, damage.
+    """
+    if journal.is_partial_frame(body):
+        return None
     try:
         frames, end = journal.scan(body, seq << 32)
     except journal.JournalError as exc:
@@ -700,6 +725,13 @@ def _one_frame(sid: str, seq: int, body: bytes, url: str) -> journal.Frame:
             path=url,
         )
     return frames[0]
+
+
+def _torn_inside(sid: str, url: str) -> CorruptSession:
+    """A short record with records after it: no commit builds on a torn record."""
+    return CorruptSession(
+        sid, "bad journal record: shorter than its frame, with records after it", path=url
+    )
 
 
 # --------------------------------------------------------------------------- the backend
@@ -1338,19 +1370,26 @@ class S3Backend:
             return None
         data, etag = got
         gen = _manifest_generation(data, session_id)
-        last, last_obj = gen, None
+        run: list[tuple[int, _Obj]] = []
         for seq, o in self.list_records(session_id, after=gen):
-            if seq != last + 1:
+            if seq != gen + len(run) + 1:
                 break
-            last, last_obj = seq, o
-        if last_obj is None:
-            return _Tip(etag, gen, last, False)
-        body = self.get(session_id, last_obj.key, "read record")
-        if body is None:
-            return _Tip(etag, gen, last, False)
-        frame = _one_frame(session_id, last, body[0], self.url(last_obj.key))
-        dead = _is_tombstone([frame])
-        return _Tip(etag, gen, last, dead, last_obj if dead else None)
+            run.append((seq, o))
+        torn = None
+        while run:
+            last, last_obj = run.pop()
+            body = self.get(session_id, last_obj.key, "read record")
+            if body is None:
+                return _Tip(etag, gen, last, False, None, torn)
+            url = self.url(last_obj.key)
+            frame = _one_frame(session_id, last, body[0], url)
+            if frame is not None:
+                dead = _is_tombstone([frame])
+                return _Tip(etag, gen, last, dead, last_obj if dead else None, torn)
+            if torn is not None:
+                raise _torn_inside(session_id, self.url(torn.key))
+            torn = last_obj
+        return _Tip(etag, gen, gen, False, None, torn)
 
     def has_manifest(self, session_id: str) -> bool:
         """True for a live session (a manifest, and no tombstone after it)."""
@@ -1464,7 +1503,8 @@ class S3Backend:
         got = self.get(session_id, tomb.key, "read record")
         if got is None:
             raise CommitConflict(session_id)  # removed as we looked: look again
-        if not _is_tombstone([_one_frame(session_id, tomb_seq, got[0], self.url(tomb.key))]):
+        frame = _one_frame(session_id, tomb_seq, got[0], self.url(tomb.key))
+        if frame is None or not _is_tombstone([frame]):
             return top
         others = [o for o in objs if o.key != tomb.key and o.modified <= tomb.modified + 1]
         if others:
@@ -1508,8 +1548,12 @@ class S3Backend:
                 "ops": [{"op": "delete"}],
             }
             frame = journal.encode_frame(journal.KIND_RECORD, meta)
+            key = base + ondisk.record_name(seq)
             try:
-                self.put_new(session_id, base + ondisk.record_name(seq), frame, "commit tombstone")
+                if t.torn is not None:
+                    self.put_replace(session_id, key, frame, t.torn.etag, "commit tombstone")
+                else:
+                    self.put_new(session_id, key, frame, "commit tombstone")
                 break
             except CommitConflict:
                 pass
