@@ -822,6 +822,22 @@ def test_a_record_an_upload_left_short_is_a_torn_tail_the_next_commit_replaces(
     assert ondisk.record_name(last + 1) in str(err.value)
     assert not fresh.verify().ok
 
+    # update: its view ends before the torn record, and its commit replaces it.
+    def mark(sess: Session) -> Session:
+        sess.loops[0].metadata = {"updated": True}
+        return sess
+
+    s3.save(make_session("u", 1))
+    put_record("u", 2, b"")
+    s3.update("u", mark)
+    assert s3.load("u").loops[0].metadata == {"updated": True}
+    assert "torn_tail" not in {o.kind for o in s3.verify("u").orphans}
+    put_record("u", 3, b"")  # record 2 is update's; a fold passes over a torn record 3
+    assert s3.checkpoint("u")
+    s3.append_loop("u", make_loop("u", 1))
+    assert len(s3.load("u").loops) == 2
+    assert "torn_tail" not in {o.kind for o in s3.verify("u").orphans}
+
     # A delete replaces a torn record with its tombstone.
     s3.save(make_session("d", 1))
     put_record("d", 2, b"")

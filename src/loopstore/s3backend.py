@@ -481,16 +481,19 @@ class S3Session:
                 return None
             run.append((seq, o))
             expected += 1
-        if for_write and self._view is not None and not b.own(sid, self._view, expected - 1):
+        read = self._frames(run, cursor)
+        if read is None:
+            return None
+        last = generation + read.end  # the last whole record (a torn one is no commit)
+        if not for_write:
+            self._view = last
+        elif self._view is not None and not b.own(sid, self._view, last):
             # A writer re-reads after handing a reader's view to its caller (`update`
             # runs `fn` on it): someone else committed in between, and building on this
             # newer state would drop that commit (or call it a no-op). Conflict: the
             # write runs again, `fn` on the newer state. (Records `fn` itself committed,
             # in this thread, are fine: the filesystem store builds on them too.)
             raise CommitConflict(sid)
-        read = self._frames(run, cursor)
-        if read is not None and not for_write:
-            self._view = expected - 1
         return read
 
     def _frames(self, run: list[tuple[int, _Obj]], cursor: int) -> JournalRead | None:
