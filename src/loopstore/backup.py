@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -59,7 +59,24 @@ class BackupFailure:
 
 
 @dataclass
-class BackupReport:
+class _Tally:
+    """Blob counts: one session's (sessions run on several threads), summed in the report."""
+
+    files_linked: int = 0
+    bytes_linked: int = 0
+    files_copied: int = 0
+    bytes_copied: int = 0
+    files_skipped: int = 0
+    bytes_skipped: int = 0
+    blobs_verified: int = 0
+
+    def add_to(self, total: _Tally) -> None:
+        for f in fields(_Tally):
+            setattr(total, f.name, getattr(total, f.name) + getattr(self, f.name))
+
+
+@dataclass(kw_only=True)
+class BackupReport(_Tally):
     """What one backup run did; bytes are stored (compressed) blob sizes."""
 
     source: str
@@ -70,13 +87,6 @@ class BackupReport:
     sessions_unchanged: int = 0
     sessions_vanished: int = 0
     sessions_removed: int = 0
-    files_linked: int = 0
-    bytes_linked: int = 0
-    files_copied: int = 0
-    bytes_copied: int = 0
-    files_skipped: int = 0
-    bytes_skipped: int = 0
-    blobs_verified: int = 0
     failed: list[BackupFailure] = field(default_factory=list)
     duration_s: float = 0.0
 
@@ -169,23 +179,6 @@ class _Vanished(Exception):
         super().__init__(loop_id)
         self.version = version
         self.loop_id = loop_id
-
-
-@dataclass
-class _Tally:
-    """One session's blob counts (sessions run on several threads; merged in order)."""
-
-    files_linked: int = 0
-    bytes_linked: int = 0
-    files_copied: int = 0
-    bytes_copied: int = 0
-    files_skipped: int = 0
-    bytes_skipped: int = 0
-    blobs_verified: int = 0
-
-    def add_to(self, report: BackupReport) -> None:
-        for name, value in asdict(self).items():
-            setattr(report, name, getattr(report, name) + value)
 
 
 @dataclass

@@ -542,7 +542,7 @@ class S3Session:
     ) -> tuple[int, int]:
         """Create record ``generation + at + 1`` if nobody has (the commit point).
 
-        Over a torn record there (`torn`, as last read) it is a compare-and-swap on that
+        Over a torn record there (as last read) it is a compare-and-swap on that
         object's ETag instead. CommitConflict if another writer has that sequence
         number, or if this handle
         gave a reader's view of the session (`update` hands it to `fn`) that ended
@@ -557,11 +557,9 @@ class S3Session:
         b.ensure_probed()
         seq = generation + at + 1
         key = self._record_key(seq)
-        if torn and self._torn is not None and self._torn[0] == seq:
-            etag = b.put_replace(sid, key, frame, self._torn[1], "commit record")
-            self._torn = None
-        else:
-            etag = b.put_new(sid, key, frame, "commit record")
+        over = self._torn[1] if self._torn is not None and self._torn[0] == seq else None
+        etag = b.put_record(sid, key, frame, over, "commit record")
+        self._torn = None
         b.cache.put(sid, seq, etag, frame)
         b.note_own(sid, seq)
         return seq << 32, at + 1
@@ -707,9 +705,9 @@ class S3Session:
 def _one_frame(sid: str, seq: int, body: bytes, url: str) -> journal.Frame | None:
     """The single record frame of a record object (base ``seq << 32``).
 
-    None if the object is shorter than its frame: an upload cut off (some servers keep
-    one, empty, when the client dies mid-request). No call acknowledged it: as the last
-    record it is a torn tail, which the next commit replaces; anywhere else, damage.
+    None if the object is shorter than its frame: an upload cut off (SeaweedFS held an
+    empty one after writers were SIGKILLed mid-commit). No call acknowledged it: as the
+    last record it is a torn tail, which the next commit replaces; anywhere else, damage.
     """
     if journal.is_partial_frame(body):
         return None
@@ -985,6 +983,13 @@ class S3Backend:
         budget has `maybe_committed` set if any attempt may have reached the server.
         """
         return self._conditional(session_id, key, data, what, if_match=None)
+
+    def put_record(
+        self, session_id: str, key: str, data: bytes, over: str | None, what: str
+    ) -> str:
+        """Commit a record at `key`: create it, or replace the torn record there whose
+        ETag is `over` (see `_one_frame`). Settled like `put_new`."""
+        return self._conditional(session_id, key, data, what, if_match=over)
 
     def put_replace(
         self, session_id: str | None, key: str, data: bytes, if_match: str, what: str
@@ -1552,11 +1557,9 @@ class S3Backend:
             }
             frame = journal.encode_frame(journal.KIND_RECORD, meta)
             key = base + ondisk.record_name(seq)
+            over = t.torn.etag if t.torn is not None else None
             try:
-                if t.torn is not None:
-                    self.put_replace(session_id, key, frame, t.torn.etag, "commit tombstone")
-                else:
-                    self.put_new(session_id, key, frame, "commit tombstone")
+                self.put_record(session_id, key, frame, over, "commit tombstone")
                 break
             except CommitConflict:
                 pass
